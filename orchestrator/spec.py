@@ -1,0 +1,427 @@
+"""The job spec: one validated object that flows from the YAML file to the worker.
+
+`load_spec(path, overrides)` is the only way in: YAML through `yaml.safe_load`, overrides
+applied as `dotted.key=value`, then pydantic models that forbid unknown keys. Every error
+names the field and says how to fix it (`SpecError.problems`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class Objective(str, Enum):
+    CLM = "clm"  # causal LM (GPT-style): next-token prediction
+    MLM = "mlm"  # masked LM (BERT-style): predict masked tokens
+    SEQ2SEQ = "seq2seq"  # encoder-decoder (T5, BART, ...): input text -> target text
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run. `problems` lists `field: what is wrong; how to fix it`."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(prefix + "; ".join(self.problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Section):
+    """Where the examples come from and which columns hold the text."""
+
+    # A hub dataset name or a local dataset directory, loaded with `datasets.load_dataset`.
+    name: str | None = None
+    config: str | None = None
+    # Or data files: json/jsonl/csv/parquet/txt (format from the extension).
+    train_files: list[str] | None = None
+    eval_files: list[str] | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    # Held-out fraction of the train split, when no eval files or eval split are given.
+    eval_fraction: float | None = Field(default=None, gt=0, lt=1)
+    text_column: str = "text"
+    # seq2seq only: the column with the target text.
+    target_column: str | None = None
+    max_train_samples: StrictInt | None = Field(default=None, ge=1)
+    max_eval_samples: StrictInt | None = Field(default=None, ge=1)
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.name is None) == (self.train_files is None):
+            raise ValueError(
+                "give either `name` (a hub dataset or a local dataset dir) or `train_files`"
+            )
+        if self.eval_files and self.name is not None:
+            raise ValueError("`eval_files` goes with `train_files`; with `name` use `eval_split`")
+        chosen = [k for k in ("eval_files", "eval_split", "eval_fraction") if getattr(self, k)]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one way to get eval data, not {' and '.join(chosen)}")
+        return self
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_files or self.eval_split or self.eval_fraction)
+
+
+class ResourcesSpec(_Section):
+    # GPUs held by the job's worker actor; 0 trains on CPU.
+    gpus: StrictInt = Field(default=0, ge=0)
+    # CPUs held by the job's worker actor.
+    cpus: StrictInt = Field(default=1, ge=1)
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class TrainingSpec(_Section):
+    # Length of training: exactly one of max_steps or epochs (epochs=1 when neither is given).
+    max_steps: StrictInt | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    batch_size: StrictInt = Field(default=8, ge=1)
+    eval_batch_size: StrictInt | None = Field(default=None, ge=1)
+    gradient_accumulation_steps: StrictInt = Field(default=1, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: StrictInt = Field(default=0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    # Tokens per example (clm/mlm block size; seq2seq source length).
+    max_length: StrictInt = Field(default=128, ge=8)
+    # Cadence in optimizer steps; None evaluates/saves at the end only.
+    eval_steps: StrictInt | None = Field(default=None, ge=1)
+    save_steps: StrictInt | None = Field(default=None, ge=1)
+    logging_steps: StrictInt = Field(default=10, ge=1)
+    seed: StrictInt = 42
+    precision: Precision = Precision.FP32
+    dataloader_workers: StrictInt = Field(default=0, ge=0)
+
+    # clm only: concatenate texts and cut them into max_length blocks (run_clm style).
+    packing: StrictBool | None = None
+    # mlm only: fraction of tokens to mask, in (0, 1); defaults to 0.15.
+    mlm_probability: float | None = None
+    # seq2seq only.
+    source_prefix: str | None = None
+    max_target_length: StrictInt | None = Field(default=None, ge=1)
+    generation_max_length: StrictInt | None = Field(default=None, ge=1)
+    generation_num_beams: StrictInt | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _length_and_cadence(self) -> TrainingSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        if self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must be a multiple of eval_steps "
+                f"({self.eval_steps}) so every checkpoint has eval metrics to rank it by"
+            )
+        return self
+
+
+class CheckpointsSpec(_Section):
+    # Keep this many most recent checkpoints (plus the best one).
+    keep_last: StrictInt = Field(default=2, ge=1)
+    # Eval metric that picks the best checkpoint, e.g. eval_loss or eval_rougeL.
+    best_metric: str = "eval_loss"
+    # min or max; by default min for losses/perplexity, max for everything else.
+    best_mode: Literal["min", "max"] | None = None
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> CheckpointsSpec:
+        if not self.best_metric.startswith("eval_"):
+            self.best_metric = f"eval_{self.best_metric}"
+        if self.best_mode is None:
+            lower_is_better = ("loss", "perplexity")
+            self.best_mode = "min" if self.best_metric.endswith(lower_is_better) else "max"
+        return self
+
+
+# Metrics each objective's evaluation produces (names as recorded, with the eval_ prefix).
+OBJECTIVE_METRICS: dict[Objective, tuple[str, ...]] = {
+    Objective.CLM: ("eval_loss", "eval_perplexity"),
+    Objective.MLM: ("eval_loss", "eval_perplexity", "eval_accuracy"),
+    Objective.SEQ2SEQ: ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu"),
+}
+
+_OBJECTIVE_ONLY: dict[str, Objective] = {
+    "packing": Objective.CLM,
+    "mlm_probability": Objective.MLM,
+    "source_prefix": Objective.SEQ2SEQ,
+    "max_target_length": Objective.SEQ2SEQ,
+    "generation_max_length": Objective.SEQ2SEQ,
+    "generation_num_beams": Objective.SEQ2SEQ,
+}
+
+
+class JobSpec(_Section):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    objective: Objective
+    # A local HF model dir (config + weights) or a hub model id.
+    model: str = Field(min_length=1)
+    # Defaults to `model`.
+    tokenizer: str | None = None
+    dataset: DatasetSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    # Higher runs first.
+    priority: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _objective_rules(self) -> JobSpec:
+        problems: list[str] = []
+        for key, owner in _OBJECTIVE_ONLY.items():
+            if getattr(self.training, key) is not None and self.objective != owner:
+                problems.append(
+                    f"training.{key}: only for objective {owner.value}; remove it "
+                    f"(objective is {self.objective.value})"
+                )
+        if self.objective == Objective.SEQ2SEQ and not self.dataset.target_column:
+            problems.append(
+                "dataset.target_column: required for seq2seq; name the column with the "
+                "target text, e.g. target_column: summary"
+            )
+        if self.objective != Objective.SEQ2SEQ and self.dataset.target_column:
+            problems.append(
+                f"dataset.target_column: only for seq2seq; {self.objective.value} learns "
+                "from text_column alone, remove it"
+            )
+        p = self.training.mlm_probability
+        if p is not None and not 0 < p < 1:
+            problems.append(f"training.mlm_probability: must be between 0 and 1 (got {p})")
+        if problems:
+            raise _Problems(problems)
+        # Per-objective defaults, filled in so the stored spec says what actually ran.
+        t = self.training
+        if self.objective == Objective.CLM and t.packing is None:
+            t.packing = False
+        if self.objective == Objective.MLM and t.mlm_probability is None:
+            t.mlm_probability = 0.15
+        if self.objective == Objective.SEQ2SEQ:
+            if t.source_prefix is None:
+                t.source_prefix = ""
+            if t.max_target_length is None:
+                t.max_target_length = 64
+            if t.generation_max_length is None:
+                t.generation_max_length = t.max_target_length
+            if t.generation_num_beams is None:
+                t.generation_num_beams = 1
+        if self.tokenizer is None:
+            self.tokenizer = self.model
+        allowed = OBJECTIVE_METRICS[self.objective]
+        if self.checkpoints.best_metric not in allowed:
+            raise _Problems(
+                [
+                    f"checkpoints.best_metric: {self.objective.value} reports "
+                    f"{', '.join(allowed)}; pick one of them "
+                    f"(got {self.checkpoints.best_metric})"
+                ]
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+class _Problems(ValueError):
+    """Cross-field problems already phrased as `field: message` (raised inside validators)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    problems: list[str] = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        kind = item["type"]
+        ctx = item.get("ctx") or {}
+        cause = ctx.get("error")
+        if isinstance(cause, _Problems):
+            problems.extend(cause.problems)
+            continue
+        given = item.get("input")
+        if kind == "extra_forbidden":
+            parent = ".".join(str(p) for p in item["loc"][:-1])
+            allowed = _allowed_keys(model, item["loc"][:-1])
+            where = f" in {parent}" if parent else ""
+            problems.append(
+                f"{loc}: unknown key{where}; allowed keys: {', '.join(allowed)}"
+            )
+        elif kind == "missing":
+            problems.append(f"{loc}: required; add it to the spec")
+        elif kind in ("enum", "literal_error"):
+            problems.append(f"{loc}: must be one of {ctx.get('expected')} (got {given!r})")
+        elif kind in ("int_type", "int_from_float", "int_parsing"):
+            problems.append(f"{loc}: must be a whole number (got {given!r}); e.g. {loc.split('.')[-1]}: 2")
+        elif kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+            bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<",
+                     "less_than_equal": "<="}[kind]
+            limit = next(iter(ctx.values()), "?")
+            problems.append(f"{loc}: must be {bound} {limit} (got {given!r})")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            where = f"{loc}: " if loc else ""
+            problems.append(f"{where}{msg} (got {given!r})" if kind.endswith("_type") else
+                            f"{where}{msg}")
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError([f"{dotted}: cannot set a key inside {part}, which is not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`training.learning_rate=1e-4` -> ("training.learning_rate", 1e-4). Values are YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise SpecError([f"--set {text!r}: write KEY=VALUE, e.g. --set training.learning_rate=1e-4"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError([f"--set {key}: value is not valid YAML ({exc})"]) from None
+    # PyYAML reads 1e-4 as a string (YAML 1.1 wants 1.0e-4); people mean the number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
+    """Parse YAML as plain data. Tags that would build Python objects are refused."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise SpecError(
+            [f"{line} YAML tag not allowed ({exc.problem}); a spec holds plain data only".strip()],
+            source,
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"{where}malformed YAML ({problem})"], source) from None
+    if data is None:
+        raise SpecError(["the file is empty; a spec needs name, objective, model and dataset"], source)
+    if not isinstance(data, dict):
+        raise SpecError(
+            [f"the top level must be a mapping of keys (name, objective, ...), not {type(data).__name__}"],
+            source,
+        )
+    return data
+
+
+def build_spec(
+    data: dict[str, Any],
+    overrides: Iterable[str] = (),
+    *,
+    base_dir: Path | None = None,
+    source: str | None = None,
+) -> JobSpec:
+    """Validate a parsed spec (plus `--set` overrides); resolve local paths against base_dir."""
+    data = json.loads(json.dumps(data, default=str))  # deep copy, plain types only
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, JobSpec), source) from None
+    if base_dir is not None:
+        spec = resolve_paths(spec, base_dir)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[JobSpec, str]:
+    """Read, parse and validate a spec file. Returns the spec and the YAML text as given."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([f"cannot read the spec file ({exc.strerror})"], str(path)) from None
+    data = parse_yaml(text, str(path))
+    spec = build_spec(data, overrides, base_dir=path.resolve().parent, source=str(path))
+    return spec, text
+
+
+def _local_path(value: str, base_dir: Path) -> str:
+    """A path that exists relative to the spec (or looks like a path) becomes absolute.
+
+    Anything else (e.g. `google-t5/t5-small`) stays as given: a hub id.
+    """
+    expanded = Path(value).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    candidate = (base_dir / expanded).resolve()
+    if candidate.exists() or value.startswith(("./", "../")) or value.count("/") > 1:
+        return str(candidate)
+    return value
+
+
+def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
+    data = spec.to_dict()
+    data["model"] = _local_path(spec.model, base_dir)
+    data["tokenizer"] = _local_path(spec.tokenizer or spec.model, base_dir)
+    ds = data["dataset"]
+    for key in ("train_files", "eval_files"):
+        if ds.get(key):
+            ds[key] = [str((base_dir / Path(f).expanduser()).resolve()) for f in ds[key]]
+    if ds.get("name"):
+        ds["name"] = _local_path(ds["name"], base_dir)
+    return JobSpec.model_validate(data)

@@ -1,0 +1,60 @@
+"""The job state machine.
+
+Every job moves through these states; the store applies each move as a guarded
+compare-and-set and records it as a JobEvent. Terminal states never change.
+
+    queued --> pending --> running --> succeeded
+       |          |           |-----> failed
+       |          |           '-----> cancelled
+       '----------'--> failed | cancelled
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    # In orch's queue, waiting for the scheduler to admit it (GPU/CPU capacity, priority).
+    QUEUED = "queued"
+    # Admitted and handed to Ray as a Ray Job; waiting for the driver to start and for
+    # Ray to place the GPU-scheduled worker actor.
+    PENDING = "pending"
+    # The worker is training; metrics and checkpoints are flowing into the store.
+    RUNNING = "running"
+    # Training finished and the final model was saved and recorded. Terminal.
+    SUCCEEDED = "succeeded"
+    # The job ended with an error; `Job.error` says why. Terminal.
+    FAILED = "failed"
+    # A user cancelled the job; its Ray work was stopped. Terminal.
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+)
+
+# Allowed moves. A state missing here as a source (the terminal ones) has no way out.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.PENDING, JobState.FAILED, JobState.CANCELLED}),
+    # PENDING -> QUEUED: the Ray submission was lost before the driver started (requeue).
+    JobState.PENDING: frozenset(
+        {JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+}
+
+# States in which the job holds (or is about to hold) cluster resources.
+ACTIVE_STATES: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RUNNING})
+
+
+def can_transition(source: JobState, target: JobState) -> bool:
+    """True when the state machine allows moving from `source` to `target`."""
+    return target in TRANSITIONS.get(source, frozenset())
