@@ -332,12 +332,15 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise SpecError([f"--set {key}: value is not valid YAML ({exc})"]) from None
+    # `prefix=summarize: ` is meant as text: only flow syntax ({...} or [...]) makes a
+    # mapping or a list on the command line.
+    if isinstance(value, dict) and not raw.strip().startswith("{") or (
+        isinstance(value, list) and not raw.strip().startswith("[")
+    ):
+        value = raw
     # PyYAML reads 1e-4 as a string (YAML 1.1 wants 1.0e-4); people mean the number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        value = float(value)
     return key, value
 
 
@@ -379,13 +382,18 @@ def build_spec(
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(exc, JobSpec), source) from None
+    spec = spec_from_dict(data, source)
     if base_dir is not None:
         spec = resolve_paths(spec, base_dir)
     return spec
+
+
+def spec_from_dict(data: dict[str, Any], source: str | None = None) -> JobSpec:
+    """Validate an already-parsed spec; errors become a SpecError naming each field."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc, JobSpec), source) from None
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[JobSpec, str]:
