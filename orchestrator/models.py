@@ -1,0 +1,131 @@
+"""Database tables. The schema itself is created by the Alembic migrations in
+`orchestrator/migrations`; keep the two in step (tests compare them)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    SQLite has no timezone type and hands back naive values; PostgreSQL hands back
+    values in the session's TimeZone. Both are normalised to UTC on read. Naive
+    values are refused on write: guessing their zone is how silent skew gets in.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware value")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite: stored as UTC without an offset
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _job_fk() -> Any:
+    return Field(foreign_key="jobs.id", ondelete="CASCADE", index=True)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "jobs"
+    # Serves the scheduler's queue scan (state = 'queued' ORDER BY priority, id) and, by
+    # its leading column, every filter on state; a separate state index would be redundant.
+    __table_args__ = (sa.Index("ix_jobs_queue", "state", "priority", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    objective: str
+    owner: str
+    state: str  # a JobState value
+    priority: int = 0
+    spec: dict[str, Any] = Field(sa_type=sa.JSON)
+    spec_yaml: str = Field(sa_type=sa.Text)
+    gpus: int
+    cpus: int
+    attempts: int = 0
+    max_attempts: int = 1
+    ray_submission_id: str | None = None
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    artifact_dir: str
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class JobEvent(SQLModel, table=True):
+    __tablename__ = "job_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = _job_fk()
+    from_state: str | None = None  # None for the creation event
+    to_state: str
+    reason: str = Field(sa_type=sa.Text)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Metric(SQLModel, table=True):
+    __tablename__ = "metrics"
+    # Covers "one metric's series of a job" and, by prefix, "all metrics of a job".
+    __table_args__ = (sa.Index("ix_metrics_job_name_step", "job_id", "name", "step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", ondelete="CASCADE")
+    attempt: int
+    step: int
+    name: str
+    value: float
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Checkpoint(SQLModel, table=True):
+    __tablename__ = "checkpoints"
+    # The database itself guarantees at most one best and one latest checkpoint per job.
+    __table_args__ = (
+        sa.Index(
+            "uq_checkpoints_best",
+            "job_id",
+            unique=True,
+            sqlite_where=sa.text("is_best"),
+            postgresql_where=sa.text("is_best"),
+        ),
+        sa.Index(
+            "uq_checkpoints_latest",
+            "job_id",
+            unique=True,
+            sqlite_where=sa.text("is_latest"),
+            postgresql_where=sa.text("is_latest"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = _job_fk()
+    attempt: int
+    step: int
+    path: str
+    size_bytes: int = Field(sa_type=sa.BigInteger)  # model weights exceed 2 GiB
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    kind: str = "checkpoint"  # "checkpoint" (resumable, mid-training) or "final"
+    is_best: bool = False
+    is_latest: bool = False
+    deleted: bool = False  # files removed from disk by retention; the row stays as history
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
