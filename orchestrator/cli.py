@@ -1,0 +1,327 @@
+"""The `orch` command line. Thin: it validates specs, then talks to the control plane.
+
+A user's mistake ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from orchestrator.client import Client, OrchError
+from orchestrator.spec import SpecError, load_spec
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, OrchError) as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def output_option(fn: F) -> F:
+    return click.option("--output", "-o", type=click.Choice(["table", "json"]),
+                        default="table", show_default=True,
+                        help="table for people, json for scripts (stable keys)")(fn)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+_STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow",
+                "running": "cyan", "pending": "blue", "queued": "magenta"}
+
+
+def _state(state: str) -> str:
+    return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="orch")
+def cli() -> None:
+    """orch: fine-tune language models (clm, mlm, seq2seq) on a Ray cluster."""
+
+
+# -- specs ----------------------------------------------------------------------------------
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a spec field, e.g. --set training.learning_rate=1e-4")
+@friendly_errors
+def validate(spec_file: Path, overrides: tuple[str, ...]) -> None:
+    """Check a job spec without submitting it (model, tokenizer and data included)."""
+    from orchestrator.preflight import preflight
+
+    spec, _ = load_spec(spec_file, overrides)
+    problems = preflight(spec)
+    if problems:
+        raise SpecError(problems, str(spec_file))
+    click.echo(f"ok: {spec.name} ({spec.objective.value}, model {spec.model}, "
+               f"{spec.resources.gpus} GPU(s))")
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a spec field, e.g. --set resources.gpus=2")
+@click.option("--wait", is_flag=True, help="follow the job; exit 0 only if it succeeds")
+@click.option("--quiet", "-q", is_flag=True, help="print only the job id")
+@friendly_errors
+def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool) -> None:
+    """Validate SPEC_FILE and queue it as a job. Prints the job id."""
+    spec, text = load_spec(spec_file, overrides)
+    spec_yaml = text + "".join(f"\n# --set {o}" for o in overrides)
+    client = Client()
+    job = client.post("/jobs", {"spec": spec.to_dict(), "spec_yaml": spec_yaml})
+    if quiet:
+        click.echo(job["id"])
+    else:
+        click.echo(f"submitted job {job['id']} ({job['name']}, {job['state']})")
+    if wait:
+        final = _follow(client, job["id"])
+        sys.exit(0 if final["state"] == "succeeded" else 1)
+
+
+def _follow(client: Client, job_id: int) -> dict[str, Any]:
+    """Show live progress until the job ends; return its final status."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(f"job {job_id}", total=None, info="")
+        try:
+            while True:
+                status = client.get(f"/jobs/{job_id}")
+                metrics = status["metrics"]
+                total = metrics.get("total_steps", {}).get("value")
+                step = max((m["step"] for m in metrics.values()), default=0)
+                loss = metrics.get("train_loss", {}).get("value")
+                info = status["state"]
+                if status["state"] == "queued" and status.get("wait_reason"):
+                    info += f": {status['wait_reason']}"
+                if loss is not None:
+                    info += f"  loss {loss:.4f}"
+                progress.update(task, total=int(total) if total else None,
+                                completed=step, info=info)
+                if status["state"] in TERMINAL:
+                    break
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            err.print(f"stopped following; job {job_id} keeps running "
+                      f"(orch cancel {job_id} stops it)")
+            raise
+    _print_result(status)
+    return status
+
+
+def _print_result(status: dict[str, Any]) -> None:
+    state = status["state"]
+    evals = {k: v["value"] for k, v in status["metrics"].items() if k.startswith("eval_")
+             and not k.endswith(("runtime", "per_second"))}
+    summary = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(evals.items()))
+    err.print(f"job {status['id']} {_state(state)}" + (f": {summary}" if summary else ""))
+    if state == "succeeded":
+        err.print(f"artifacts: {status['artifact_dir']}")
+    elif status.get("error"):
+        err.print(f"[red]error:[/] {status['error']}", highlight=False)
+
+
+# -- inspection -----------------------------------------------------------------------------
+@cli.command("list")
+@click.option("--state", help="only these states, comma separated (e.g. running,queued)")
+@click.option("--limit", default=50, show_default=True)
+@output_option
+@friendly_errors
+def list_jobs(state: str | None, limit: int, output: str) -> None:
+    """List jobs, newest first."""
+    jobs = Client().get("/jobs", state=state, limit=limit)
+    if output == "json":
+        return print_json(jobs)
+    table = Table("id", "name", "objective", "state", "owner", "gpus", "created", "error")
+    for j in jobs:
+        table.add_row(str(j["id"]), j["name"], j["objective"], _state(j["state"]), j["owner"],
+                      str(j["gpus"]), (j["created_at"] or "")[:19],
+                      (j["error"] or "").splitlines()[0][:60] if j["error"] else "")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@output_option
+@friendly_errors
+def status(job_id: int, output: str) -> None:
+    """Show a job: state (and why it waits), progress, latest metrics, history."""
+    data = Client().get(f"/jobs/{job_id}")
+    if output == "json":
+        return print_json(data)
+    out.print(f"[bold]job {data['id']}[/] {data['name']} ({data['objective']}) "
+              f"{_state(data['state'])}", highlight=False)
+    if data.get("wait_reason"):
+        out.print(f"  waiting: {data['wait_reason']}")
+    out.print(f"  owner {data['owner']}, {data['gpus']} GPU(s), {data['cpus']} CPU(s), "
+              f"attempts {data['attempts']}, artifacts {data['artifact_dir']}", highlight=False)
+    if data.get("error"):
+        out.print(f"  [red]error:[/] {data['error']}", highlight=False)
+    if data["metrics"]:
+        table = Table("metric", "step", "value", title="latest metrics")
+        for name, m in sorted(data["metrics"].items()):
+            table.add_row(name, str(m["step"]), _fmt(m["value"]))
+        out.print(table)
+    table = Table("at", "from", "to", "reason", title="history")
+    for e in data["events"]:
+        table.add_row(e["at"][:19], e["from"] or "", e["to"], e["reason"])
+    out.print(table)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--name", help="only this metric")
+@output_option
+@friendly_errors
+def metrics(job_id: int, name: str | None, output: str) -> None:
+    """Metrics a job recorded, by step."""
+    data = Client().get(f"/jobs/{job_id}/metrics", name=name)
+    if output == "json":
+        return print_json(data)
+    names = sorted({m["name"] for m in data["metrics"]})
+    steps: dict[int, dict[str, float]] = {}
+    for m in data["metrics"]:
+        steps.setdefault(m["step"], {})[m["name"]] = m["value"]
+    table = Table("step", *names)
+    for step in sorted(steps):
+        table.add_row(str(step), *(_fmt(steps[step].get(n)) for n in names))
+    out.print(table)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--all", "include_deleted", is_flag=True, help="include checkpoints retention removed")
+@output_option
+@friendly_errors
+def checkpoints(job_id: int, include_deleted: bool, output: str) -> None:
+    """Checkpoints and the final model a job produced."""
+    data = Client().get(f"/jobs/{job_id}/checkpoints", all=include_deleted or None)
+    if output == "json":
+        return print_json(data)
+    table = Table("step", "kind", "best", "latest", "size MB", "metrics", "path")
+    for c in data["checkpoints"]:
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c["metrics"].items())
+                          if k in ("eval_loss", "eval_rougeL", "eval_perplexity", "eval_accuracy"))
+        table.add_row(str(c["step"]), c["kind"] + (" (deleted)" if c["deleted"] else ""),
+                      "*" if c["is_best"] else "", "*" if c["is_latest"] else "",
+                      f"{c['size_bytes'] / 1e6:.1f}", shown, c["path"])
+    out.print(table)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@friendly_errors
+def logs(job_id: int, follow: bool) -> None:
+    """Print a job's logs (driver and workers)."""
+    client = Client()
+    offset = 0
+    while True:
+        data = client.get(f"/jobs/{job_id}/logs", offset=offset)
+        click.echo(data["text"], nl=False)
+        offset = data["offset"]
+        if not follow or data["state"] in TERMINAL:
+            break
+        time.sleep(1)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@friendly_errors
+def cancel(job_id: int) -> None:
+    """Cancel a job: a queued one never starts, a running one is stopped."""
+    data = Client().post(f"/jobs/{job_id}/cancel")
+    click.echo(data["message"])
+    if not data["cancelled"]:
+        sys.exit(1)
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+@cli.command()
+@click.option("--num-gpus", type=int, help="GPUs the local Ray cluster declares (default: detected)")
+@click.option("--num-cpus", type=int, help="CPUs the local Ray cluster declares (default: detected)")
+@friendly_errors
+def up(num_gpus: int | None, num_cpus: int | None) -> None:
+    """Start the local Ray cluster and control plane (submit does this on demand)."""
+    from orchestrator import cluster
+    from orchestrator.client import start_local_server
+
+    try:
+        tgt = cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus) if cluster.target().local \
+            else cluster.target()
+    except cluster.ClusterError as exc:
+        raise OrchError(str(exc)) from None
+    url = start_local_server()
+    info = Client(url=url).get("/cluster")
+    click.echo(f"orch is up: server {url}, Ray {tgt.jobs_url} "
+               f"({info['gpus']} GPUs, {info['cpus']} CPUs, {info['nodes']} node(s))")
+
+
+@cli.command()
+@click.option("--keep-ray", is_flag=True, help="stop only the control plane")
+@friendly_errors
+def down(keep_ray: bool) -> None:
+    """Stop the local control plane and the local Ray cluster."""
+    from orchestrator import cluster
+    from orchestrator.client import stop_local_server
+
+    stopped = stop_local_server()
+    click.echo("orch server stopped" if stopped else "no local orch server was running")
+    if not keep_ray and cluster.target().local:
+        cluster.stop_local()
+        click.echo("local Ray cluster stopped")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=None, type=int, help="default: $ORCH_SERVER_PORT or 8770")
+def server(host: str, port: int | None) -> None:
+    """Run the control plane in the foreground (the CLI starts one on demand)."""
+    from orchestrator.client import local_port
+    from orchestrator.server import serve
+
+    serve(host, port or local_port())
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Runs admitted jobs as Ray Jobs: the only place orch talks to the Ray Jobs API.
+
+Each attempt of a job is one Ray Job with a deterministic submission id
+(`orch-<job id>-<attempt>`), so a control plane that restarts can find its jobs again.
+The Ray Job's driver (`workers.driver`) starts the GPU-scheduled worker actor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from orchestrator import cluster
+from orchestrator.config import database_url, orch_home
+
+
+class RayStatus(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    MISSING = "MISSING"  # Ray has no record of the submission (e.g. the cluster restarted)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (RayStatus.PENDING, RayStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    status: RayStatus
+    message: str = ""
+
+
+def submission_id(job_id: int, attempt: int) -> str:
+    return f"orch-{job_id}-{attempt}"
+
+
+class Executor(Protocol):
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str: ...
+    def info(self, submission: str) -> RayJobInfo: ...
+    def stop(self, submission: str) -> None: ...
+    def logs(self, submission: str) -> str | None: ...
+
+
+# Variables passed on to the driver and workers: where the store is, and offline settings.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")
+
+
+class RayJobsExecutor:
+    def __init__(self, jobs_url: str | None = None) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        cluster.apply_auth_env()
+        self.jobs_url = jobs_url or cluster.target().jobs_url
+        self.client = JobSubmissionClient(self.jobs_url)
+        # The entrypoint runs with the cluster's environment, not ours: name the interpreter.
+        self.python = os.environ.get("ORCH_WORKER_PYTHON", sys.executable)
+
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str:
+        sid = submission_id(job_id, attempt)
+        env = {
+            "ORCH_DATABASE_URL": os.environ.get("ORCH_WORKER_DATABASE_URL", database_url()),
+            "ORCH_HOME": str(orch_home()),
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+        self.client.submit_job(
+            entrypoint=(f"{self.python} -m workers.driver --job-id {job_id} --attempt {attempt}"
+                        f" --gpus {gpus} --cpus {cpus}"),
+            submission_id=sid,
+            runtime_env={"env_vars": env},
+            # The driver only starts the worker actor; the actor holds the GPUs and CPUs.
+            entrypoint_num_cpus=0,
+            metadata={"orch_job_id": str(job_id), "orch_attempt": str(attempt)},
+        )
+        return sid
+
+    def info(self, submission: str) -> RayJobInfo:
+        try:
+            details = self.client.get_job_info(submission)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return RayJobInfo(RayStatus.MISSING, str(exc))
+            raise
+        return RayJobInfo(RayStatus(details.status.value), details.message or "")
+
+    def stop(self, submission: str) -> None:
+        try:
+            self.client.stop_job(submission)
+        except RuntimeError as exc:
+            if "does not exist" not in str(exc):
+                raise
+
+    def logs(self, submission: str) -> str | None:
+        try:
+            return self.client.get_job_logs(submission)
+        except RuntimeError:
+            return None

@@ -1,0 +1,155 @@
+"""Cheap checks that run before any GPU time is spent (`orch validate`, and at submit).
+
+They use the real loading code (`AutoConfig`/`AutoTokenizer.from_pretrained`, the data
+files' own headers) so a spec that passes here fails later only for reasons that need a
+full run to find. Each problem names the field and says what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import JobSpec, Objective
+
+_EXTENSIONS = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
+}
+
+
+def _columns_of_file(path: Path) -> set[str]:
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(
+            f"unsupported file type {path.suffix!r}; use one of {', '.join(sorted(_EXTENSIONS))}"
+        )
+    if kind == "text":
+        return {"text"}  # datasets' text builder yields one column, "text"
+    if kind == "csv":
+        with path.open(newline="") as fh:
+            return set(next(csv.reader(fh), []))
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return set(pq.read_schema(path).names)
+    with path.open() as fh:
+        head = fh.read(1)
+        fh.seek(0)
+        if head == "[":  # a JSON array of records
+            records = json.load(fh)
+            return set(records[0]) if records else set()
+        for line in fh:  # JSON lines: the first non-empty record
+            if line.strip():
+                return set(json.loads(line))
+    return set()
+
+
+def _check_files(field: str, files: list[str], needed: list[tuple[str, str]]) -> list[str]:
+    problems = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            problems.append(f"{field}: file not found: {name}")
+            continue
+        try:
+            columns = _columns_of_file(path)
+        except (ValueError, OSError) as exc:
+            problems.append(f"{field}: cannot read {name}: {exc}")
+            continue
+        for column_field, column in needed:
+            if column not in columns:
+                have = ", ".join(sorted(columns)) or "none"
+                problems.append(
+                    f"{column_field}: column {column!r} not in {path.name} (columns: {have}); "
+                    "set it to one of them"
+                )
+    return problems
+
+
+def check_dataset(spec: JobSpec) -> list[str]:
+    ds = spec.dataset
+    needed = [("dataset.text_column", ds.text_column)]
+    if ds.target_column:
+        needed.append(("dataset.target_column", ds.target_column))
+    if ds.train_files:
+        return _check_files("dataset.train_files", ds.train_files, needed) + _check_files(
+            "dataset.eval_files", ds.eval_files or [], needed
+        )
+    assert ds.name is not None
+    local = Path(ds.name)
+    if local.is_absolute() and not local.exists():
+        return [f"dataset.name: directory not found: {ds.name}"]
+    try:
+        from datasets import load_dataset_builder
+
+        builder = load_dataset_builder(ds.name, ds.config)
+    except Exception as exc:  # datasets raises many kinds; all mean "cannot find it"
+        return [
+            f"dataset.name: cannot load {ds.name!r} ({type(exc).__name__}: {exc}); give a "
+            "local dataset dir, data files (train_files), or a hub dataset reachable from here"
+        ]
+    features = builder.info.features
+    if features is None:
+        return []  # column names only known after reading data; the worker checks them
+    return [
+        f"{field}: column {column!r} not in dataset {ds.name!r} "
+        f"(columns: {', '.join(features)})"
+        for field, column in needed
+        if column not in features
+    ]
+
+
+def _model_kind_problem(spec: JobSpec, config: Any) -> str | None:
+    from transformers.models.auto import modeling_auto as auto
+
+    mapping = {
+        Objective.CLM: auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        Objective.MLM: auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        Objective.SEQ2SEQ: auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    }[spec.objective]
+    if config.model_type not in mapping:
+        return (
+            f"model: a {config.model_type!r} model has no {spec.objective.value} head; use a "
+            f"model made for {spec.objective.value} or change objective"
+        )
+    return None
+
+
+def check_model_and_tokenizer(spec: JobSpec) -> list[str]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    problems: list[str] = []
+    try:
+        config = AutoConfig.from_pretrained(spec.model)
+    except Exception as exc:
+        return [
+            f"model: cannot load {spec.model!r}: not a model directory here and not in the "
+            f"hub cache ({type(exc).__name__}); give a local HF model dir or a hub id "
+            "reachable from this machine"
+        ]
+    if kind := _model_kind_problem(spec, config):
+        problems.append(kind)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
+    except Exception as exc:
+        problems.append(
+            f"tokenizer: cannot load {spec.tokenizer!r} ({type(exc).__name__}: {exc}); "
+            "save the tokenizer with the model or set `tokenizer:`"
+        )
+        return problems
+    if spec.objective == Objective.MLM and tokenizer.mask_token is None:
+        problems.append("tokenizer: mlm needs a mask token and this tokenizer has none")
+    if spec.objective == Objective.CLM and tokenizer.pad_token is None and (
+        tokenizer.eos_token is None
+    ):
+        problems.append("tokenizer: clm needs a pad token or an eos token to pad with; it has neither")
+    if spec.objective == Objective.SEQ2SEQ and tokenizer.pad_token is None:
+        problems.append("tokenizer: seq2seq needs a pad token and this tokenizer has none")
+    return problems
+
+
+def preflight(spec: JobSpec) -> list[str]:
+    """All cheap checks; an empty list means the spec is ready to run."""
+    return check_dataset(spec) + check_model_and_tokenizer(spec)

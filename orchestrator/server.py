@@ -1,0 +1,237 @@
+"""`orch server`: the control plane. Owns the store and the scheduling loop; serves the API.
+
+The CLI talks to it over HTTP. Started locally on demand by the CLI (detached, so it
+outlives the command), or run by a team as a service with `ORCH_API_TOKEN` set, in which
+case every request must carry `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from orchestrator import cluster
+from orchestrator.cluster import Capacity
+from orchestrator.executor import Executor, RayJobsExecutor
+from orchestrator.models import Checkpoint, Job, JobEvent, Metric
+from orchestrator.preflight import preflight
+from orchestrator.scheduler import Scheduler
+from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.states import JobState
+from orchestrator.store import Store
+
+log = logging.getLogger("orch.server")
+
+
+class SubmitRequest(BaseModel):
+    spec: dict[str, Any]  # validated and path-resolved by the client; validated again here
+    spec_yaml: str = ""
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "name": job.name, "objective": job.objective, "owner": job.owner,
+        "state": job.state, "priority": job.priority, "gpus": job.gpus, "cpus": job.cpus,
+        "attempts": job.attempts, "error": job.error, "artifact_dir": job.artifact_dir,
+        "ray_submission_id": job.ray_submission_id, "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+    }
+
+
+def event_json(event: JobEvent) -> dict[str, Any]:
+    return {"from": event.from_state, "to": event.to_state, "reason": event.reason,
+            "at": _iso(event.at)}
+
+
+def metric_json(metric: Metric) -> dict[str, Any]:
+    return {"step": metric.step, "name": metric.name, "value": metric.value,
+            "attempt": metric.attempt}
+
+
+def checkpoint_json(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"id": ckpt.id, "step": ckpt.step, "path": ckpt.path, "size_bytes": ckpt.size_bytes,
+            "kind": ckpt.kind, "metrics": ckpt.metrics, "is_best": ckpt.is_best,
+            "is_latest": ckpt.is_latest, "deleted": ckpt.deleted, "attempt": ckpt.attempt,
+            "created_at": _iso(ckpt.created_at)}
+
+
+class ControlPlane:
+    """The store, the executor and the scheduler, plus the loop thread that drives them."""
+
+    def __init__(self, store: Store, executor: Executor, capacity: Capacity,
+                 interval: float = 0.5) -> None:
+        self.store = store
+        self.scheduler = Scheduler(store, executor, capacity)
+        self.executor = executor
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="orch-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        refresh_every = max(1, int(10 / self.interval))
+        ticks = 0
+        while not self._stop.is_set():
+            try:
+                self.scheduler.tick()
+                ticks += 1
+                if ticks % refresh_every == 0:
+                    self.scheduler.capacity = cluster.capacity()
+            except Exception:
+                log.exception("scheduler tick failed")
+            self._stop.wait(self.interval)
+
+
+def default_control_plane() -> ControlPlane:
+    tgt = cluster.target()
+    if tgt.local:
+        cluster.start_local()
+    cluster.apply_auth_env()
+    return ControlPlane(Store(), RayJobsExecutor(tgt.jobs_url), cluster.capacity(tgt.jobs_url),
+                        interval=float(os.environ.get("ORCH_SCHEDULER_INTERVAL", "0.5")))
+
+
+def create_app(plane: ControlPlane | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Iterator[None]:  # type: ignore[misc]
+        app.state.plane = plane or default_control_plane()
+        app.state.plane.start()
+        yield
+        app.state.plane.stop()
+
+    app = FastAPI(title="orch", lifespan=lifespan)
+    token = os.environ.get("ORCH_API_TOKEN")
+
+    def authorize(authorization: str | None = Header(default=None)) -> None:
+        if token and not (authorization and secrets.compare_digest(
+            authorization, f"Bearer {token}")
+        ):
+            raise HTTPException(401, "missing or wrong API token (set ORCH_API_TOKEN)")
+
+    def cp(request: Request) -> ControlPlane:
+        return request.app.state.plane
+
+    def get_job(plane: ControlPlane, job_id: int) -> Job:
+        job = plane.store.get_job(job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return job
+
+    auth = [Depends(authorize)]
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/cluster", dependencies=auth)
+    def cluster_info(request: Request) -> dict[str, Any]:
+        plane = cp(request)
+        cap, free = plane.scheduler.capacity, plane.scheduler.free()
+        return {"gpus": cap.gpus, "cpus": cap.cpus, "nodes": cap.nodes,
+                "free_gpus": free.gpus, "free_cpus": free.cpus,
+                "jobs_url": getattr(plane.executor, "jobs_url", None)}
+
+    @app.post("/jobs", status_code=201, dependencies=auth)
+    def submit(body: SubmitRequest, request: Request,
+               x_orch_user: str | None = Header(default=None)) -> dict[str, Any]:
+        plane = cp(request)
+        spec = spec_from_dict(body.spec)
+        problems = preflight(spec)
+        if reason := plane.scheduler.never_fits(spec.resources.gpus, spec.resources.cpus):
+            problems.append(reason)
+        if problems:
+            raise SpecError(problems)
+        job = plane.store.create_job(
+            name=spec.name, objective=spec.objective.value, owner=x_orch_user or "anonymous",
+            spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=spec.resources.gpus,
+            cpus=spec.resources.cpus, priority=spec.priority,
+        )
+        return job_json(job)
+
+    @app.get("/jobs", dependencies=auth)
+    def list_jobs(request: Request, state: str | None = None, owner: str | None = None,
+                  limit: int = 100) -> list[dict[str, Any]]:
+        states = [JobState(s) for s in state.split(",")] if state else None
+        jobs = cp(request).store.list_jobs(states=states, owner=owner, limit=limit)
+        return [job_json(j) for j in jobs]
+
+    @app.get("/jobs/{job_id}", dependencies=auth)
+    def status(job_id: int, request: Request) -> dict[str, Any]:
+        plane = cp(request)
+        job = get_job(plane, job_id)
+        out = job_json(job)
+        out["spec"] = job.spec
+        out["events"] = [event_json(e) for e in plane.store.events(job_id)]
+        latest = plane.store.latest_metrics(job_id)
+        out["metrics"] = {name: {"step": step, "value": value}
+                          for name, (step, value) in latest.items()}
+        out["wait_reason"] = (
+            plane.scheduler.wait_reason(job) if job.state == JobState.QUEUED else None
+        )
+        return out
+
+    @app.post("/jobs/{job_id}/cancel", dependencies=auth)
+    def cancel(job_id: int, request: Request,
+               x_orch_user: str | None = Header(default=None)) -> dict[str, Any]:
+        plane = cp(request)
+        get_job(plane, job_id)
+        changed, message = plane.scheduler.cancel(
+            job_id, f"cancelled by {x_orch_user or 'anonymous'}")
+        return {"cancelled": changed, "message": message,
+                "job": job_json(get_job(plane, job_id))}
+
+    @app.get("/jobs/{job_id}/metrics", dependencies=auth)
+    def metrics(job_id: int, request: Request, name: str | None = None) -> dict[str, Any]:
+        plane = cp(request)
+        get_job(plane, job_id)
+        rows = plane.store.metrics(job_id, name=name)
+        return {"id": job_id, "metrics": [metric_json(m) for m in rows]}
+
+    @app.get("/jobs/{job_id}/checkpoints", dependencies=auth)
+    def checkpoints(job_id: int, request: Request, all: bool = False) -> dict[str, Any]:
+        plane = cp(request)
+        get_job(plane, job_id)
+        rows = plane.store.checkpoints(job_id, include_deleted=all)
+        return {"id": job_id, "checkpoints": [checkpoint_json(c) for c in rows]}
+
+    @app.get("/jobs/{job_id}/logs", dependencies=auth)
+    def logs(job_id: int, request: Request, offset: int = 0) -> dict[str, Any]:
+        plane = cp(request)
+        job = get_job(plane, job_id)
+        text = ""
+        if job.ray_submission_id:
+            text = plane.executor.logs(job.ray_submission_id) or ""
+        return {"id": job_id, "state": job.state, "offset": len(text), "text": text[offset:]}
+
+    @app.exception_handler(SpecError)
+    def spec_error(request: Request, exc: SpecError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc),
+                                                      "problems": exc.problems})
+
+    return app
+
+
+def serve(host: str, port: int) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
