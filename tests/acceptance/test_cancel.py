@@ -1,0 +1,82 @@
+"""Cancel: a running job ends cancelled, its Ray work stops, and its GPUs are free again."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.support import FAKE_GPUS, run_orch
+
+pytestmark = pytest.mark.ray
+
+LONG_JOB = ["jobs/bert_mlm.yaml", "--set", "training.max_steps=100000",
+            "--set", "training.epochs=null", "--set", f"resources.gpus={FAKE_GPUS}",
+            "--set", "resources.cpus=1", "-q"]
+
+
+def wait_for_state(env: dict[str, str], job_id: int, states: set[str],
+                   timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(run_orch(env, "status", str(job_id), "-o", "json", check=True).stdout)
+        if status["state"] in states:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} never reached {states}: {status['state']}")
+
+
+def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    first = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    wait_for_state(orch_env, first, {"running"})
+
+    # The second job needs every GPU too: it waits, and says why.
+    second = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    waiting = wait_for_state(orch_env, second, {"queued"})
+    time.sleep(2)
+    waiting = json.loads(run_orch(orch_env, "status", str(second), "-o", "json").stdout)
+    assert waiting["state"] == "queued"
+    assert f"waiting for {FAKE_GPUS} GPUs: 0 free" in waiting["wait_reason"]
+
+    proc = run_orch(orch_env, "cancel", str(first), check=True)
+    assert "cancelled" in proc.stdout
+    assert orch_store.get_job(first).state == "cancelled"
+    assert orch_store.events(first)[-1].reason == "cancelled by tester"
+
+    # Ray can place the second job's actor on the same GPUs only once the first released them.
+    wait_for_state(orch_env, second, {"running"}, timeout=240)
+
+    # A cancelled job stays cancelled; cancelling again is refused.
+    again = run_orch(orch_env, "cancel", str(first))
+    assert again.returncode == 1 and "already cancelled" in again.stdout
+
+    run_orch(orch_env, "cancel", str(second), check=True)
+    assert orch_store.get_job(second).state == "cancelled"
+    import os
+
+    from ray.util.state import list_actors
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = f"{orch_env['ORCH_HOME']}/ray/auth_token"
+    address = f"http://127.0.0.1:{orch_env['ORCH_RAY_DASHBOARD_PORT']}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alive = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
+                 if a.name in (f"orch-{first}-1", f"orch-{second}-1")]
+        if not alive:
+            break
+        time.sleep(1)
+    assert not alive, f"actors still alive after cancel: {alive}"
+
+
+def test_cancel_queued_job_never_starts(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    blocker = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    queued = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    try:
+        assert run_orch(orch_env, "cancel", str(queued), check=True).stdout.endswith(
+            "(it never started)\n")
+        assert [e.to_state for e in orch_store.events(queued)] == ["queued", "cancelled"]
+        assert orch_store.get_job(queued).ray_submission_id is None
+    finally:
+        run_orch(orch_env, "cancel", str(blocker))

@@ -1,0 +1,48 @@
+"""Session-wide fixtures: one local Ray cluster and one control plane for the whole run.
+
+Ray on 2 cores is slow to start, so the cluster is started once (through `orch up`, the
+same path users take) with fake GPU capacity, on ports of its own so it never touches a
+cluster or server the developer has running.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import FAKE_CPUS, FAKE_GPUS, run_orch
+
+
+@pytest.fixture(scope="session")
+def orch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("orch-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_"))}
+    env.update(
+        ORCH_HOME=str(home),
+        ORCH_RAY_PORT="6391",
+        ORCH_RAY_DASHBOARD_PORT="8266",
+        ORCH_SERVER_PORT="8771",
+        ORCH_SCHEDULER_INTERVAL="0.3",
+        ORCH_USER="tester",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    run_orch(env, "up", "--num-gpus", str(FAKE_GPUS), "--num-cpus", str(FAKE_CPUS),
+             timeout=240, check=True)
+    try:
+        yield env
+    finally:
+        run_orch(env, "down", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def orch_store(orch_env: dict[str, str]) -> Iterator[object]:
+    """The control plane's own store, opened read-side by the tests."""
+    from orchestrator.store import Store
+
+    store = Store(f"sqlite:///{orch_env['ORCH_HOME']}/orch.db")
+    yield store
+    store.close()

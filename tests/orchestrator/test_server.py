@@ -1,0 +1,101 @@
+"""The HTTP API with a real store and a fake executor: auth, submit checks, views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from orchestrator.cluster import Capacity
+from orchestrator.server import ControlPlane, create_app
+from orchestrator.spec import build_spec
+from orchestrator.store import Store
+from tests.orchestrator.test_scheduler import FakeExecutor
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "jobs" / "assets"
+
+
+def spec_dict(**training: object) -> dict:
+    return build_spec({
+        "name": "api-test", "objective": "mlm", "model": str(ASSETS / "models" / "bert-tiny"),
+        "dataset": {"train_files": [str(ASSETS / "data" / "lm" / "train.jsonl")],
+                    "eval_fraction": 0.1},
+        "resources": {"gpus": 1}, "training": {"max_steps": 5, **training},
+    }).to_dict()
+
+
+@pytest.fixture
+def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, Store]]:
+    monkeypatch.setenv("ORCH_API_TOKEN", "s3cret")
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=4, nodes=1), interval=60)
+    with TestClient(create_app(plane)) as client:
+        client.headers.update({"Authorization": "Bearer s3cret", "X-Orch-User": "ann"})
+        yield client, store
+
+
+def test_token_is_required(api: tuple[TestClient, Store]) -> None:
+    client, _ = api
+    assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/jobs", headers={"Authorization": ""}).status_code == 401
+    assert client.get("/health").status_code == 200  # liveness needs no token
+    assert client.get("/jobs").status_code == 200
+
+
+def test_submit_records_a_queued_job_with_its_owner(api: tuple[TestClient, Store]) -> None:
+    client, store = api
+    response = client.post("/jobs", json={"spec": spec_dict(), "spec_yaml": "name: api-test\n"})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["state"] == "queued" and job["owner"] == "ann" and job["gpus"] == 1
+    stored = store.get_job(job["id"])
+    assert stored and stored.spec_yaml == "name: api-test\n"
+    status = client.get(f"/jobs/{job['id']}").json()
+    assert status["events"][0]["to"] == "queued"
+    assert status["wait_reason"] == "about to be admitted"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"resources": {"gpus": 3, "cpus": 1}}, "resources.gpus: the job asks for 3 GPUs"),
+        ({"model": "/nonexistent/model"}, "model: cannot load"),
+        ({"dataset": {"train_files": ["/nonexistent.jsonl"], "eval_fraction": 0.1}},
+         "dataset.train_files: file not found"),
+        ({"objective": "gan"}, "objective: must be one of"),
+        ({"surprise": 1}, "surprise: unknown key"),
+    ],
+)
+def test_bad_submissions_are_refused_and_write_nothing(api: tuple[TestClient, Store],
+                                                       change: dict, expected: str) -> None:
+    client, store = api
+    response = client.post("/jobs", json={"spec": {**spec_dict(), **change}})
+    assert response.status_code == 422
+    assert any(expected in p for p in response.json()["problems"]), response.json()
+    assert store.list_jobs() == []
+
+
+def test_unknown_job_is_404(api: tuple[TestClient, Store]) -> None:
+    client, _ = api
+    for path in ("/jobs/42", "/jobs/42/metrics", "/jobs/42/checkpoints", "/jobs/42/logs"):
+        assert client.get(path).status_code == 404
+    assert client.post("/jobs/42/cancel").status_code == 404
+
+
+def test_metrics_and_checkpoints_views(api: tuple[TestClient, Store]) -> None:
+    client, store = api
+    job_id = client.post("/jobs", json={"spec": spec_dict()}).json()["id"]
+    store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (10, "eval_loss", 2.0),
+                                  (10, "train_loss", 2.5)])
+    store.add_checkpoint(job_id, attempt=1, step=10, path="/x/checkpoint-10", size_bytes=7,
+                         metrics={"eval_loss": 2.0})
+    metrics = client.get(f"/jobs/{job_id}/metrics").json()
+    assert [(m["step"], m["name"]) for m in metrics["metrics"]] == [
+        (0, "eval_loss"), (10, "eval_loss"), (10, "train_loss")]
+    assert client.get(f"/jobs/{job_id}").json()["metrics"]["eval_loss"] == {"step": 10, "value": 2.0}
+    ckpts = client.get(f"/jobs/{job_id}/checkpoints").json()["checkpoints"]
+    assert ckpts[0]["path"] == "/x/checkpoint-10" and ckpts[0]["is_latest"]
+    listed = client.get("/jobs", params={"state": "queued"}).json()
+    assert [j["id"] for j in listed] == [job_id]
