@@ -1,0 +1,224 @@
+"""The one training core: a JobSpec in, a trained model and its eval metrics out.
+
+`run_training` is what every way of running a job ends up calling (the Ray worker actor,
+tests, a laptop). It builds a Hugging Face Trainer for the spec's objective and:
+
+  * evaluates the untrained model first: callbacks get on_evaluate/on_log at global_step 0;
+  * trains, evaluating every eval_steps and checkpointing every save_steps under
+    output_dir/checkpoints (no cadence: once at the last step);
+  * makes sure the last step is evaluated and checkpointed;
+  * saves the final model and tokenizer as a plain HF directory at output_dir/final;
+  * returns the final eval metrics (`eval_` keys).
+
+Checkpoint retention is not done here (save_total_limit=None): orch's callback decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
+
+from orchestrator.spec import JobSpec, Objective, Precision
+from workers.data import load_splits
+from workers.objectives import ObjectiveModule, get_objective, max_positions
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+
+
+def configure_threads(spec: JobSpec) -> int:
+    """Intra-op threads for torch: OMP_NUM_THREADS if set (Ray sets it to the actor's CPUs),
+    else the spec's resources.cpus. Returns the number used."""
+    raw = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(raw) if raw.isdigit() and int(raw) > 0 else spec.resources.cpus
+    torch.set_num_threads(threads)
+    return threads
+
+
+def precision_args(spec: JobSpec) -> dict[str, bool]:
+    """bf16/fp16 flags for TrainingArguments; mixed precision needs CUDA, else fp32."""
+    wanted = spec.training.precision
+    if wanted == Precision.FP32:
+        return {}
+    on_cuda = spec.resources.gpus > 0 and torch.cuda.is_available()
+    if not on_cuda:
+        log.warning("training.precision %s needs a CUDA GPU; this run has none, using fp32",
+                    wanted.value)
+        return {}
+    if wanted == Precision.BF16 and not torch.cuda.is_bf16_supported():
+        log.warning("training.precision bf16: this GPU does not support bf16; using fp32")
+        return {}
+    return {"bf16": True} if wanted == Precision.BF16 else {"fp16": True}
+
+
+def build_arguments(
+    spec: JobSpec,
+    objective: ObjectiveModule,
+    output_dir: Path,
+    has_eval: bool,
+    resuming: bool,
+) -> TrainingArguments:
+    t = spec.training
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir / CHECKPOINTS_DIR),
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.eval_batch_size or t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay,
+        "warmup_steps": t.warmup_steps,
+        "lr_scheduler_type": t.lr_scheduler,
+        "logging_strategy": "steps",
+        "logging_steps": t.logging_steps,
+        "eval_strategy": "steps" if has_eval and t.eval_steps else "no",
+        "eval_steps": t.eval_steps if has_eval else None,
+        # Untrained metrics at step 0, inside train() (after on_train_begin, so callbacks
+        # see a normal sequence). Not on resume: that step-0 evaluation already happened.
+        "eval_on_start": has_eval and not resuming,
+        "save_strategy": "steps" if t.save_steps else "no",
+        "save_steps": t.save_steps,
+        "save_total_limit": None,  # retention is orch's checkpoint callback's job
+        "report_to": [],
+        "seed": t.seed,
+        "dataloader_num_workers": t.dataloader_workers,
+        "use_cpu": spec.resources.gpus == 0,
+        # Progress goes to orch through callbacks; tqdm bars would only clutter worker logs.
+        "disable_tqdm": True,
+        **precision_args(spec),
+        **objective.extra_args(spec),
+    }
+    if t.max_steps is not None:
+        kwargs["max_steps"] = t.max_steps
+    else:
+        kwargs["num_train_epochs"] = t.epochs if t.epochs is not None else 1.0
+    names = {f.name for f in dataclasses.fields(objective.args_class)}
+    if "save_safetensors" in names:  # transformers 4.x; 5.x always writes safetensors
+        kwargs["save_safetensors"] = True
+    return objective.args_class(**kwargs)
+
+
+class FinalStepFlow(TrainerCallback):
+    """At the last optimizer step, evaluate and checkpoint even without a step cadence.
+
+    With eval_steps/save_steps set, HF's DefaultFlowCallback already does this at the end;
+    with them unset (strategy "no") nothing would, and the final step would have no metrics
+    or checkpoint for orch to rank.
+    """
+
+    def __init__(self, evaluate: bool, save: bool) -> None:
+        self.evaluate = evaluate
+        self.save = save
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_evaluate or self.evaluate
+            control.should_save = control.should_save or self.save
+        return control
+
+
+def _check_lengths(spec: JobSpec, model: PreTrainedModel) -> None:
+    limit = max_positions(model)
+    if limit is None:
+        return
+    lengths = {"training.max_length": spec.training.max_length}
+    if spec.objective == Objective.SEQ2SEQ:
+        lengths["training.max_target_length"] = spec.training.max_target_length or 0
+    for field, value in lengths.items():
+        if value > limit:
+            raise ValueError(
+                f"{field}: {value} is more than the {limit} positions {spec.model} supports; "
+                f"set it to {limit} or less"
+            )
+
+
+def _last_eval(trainer: Trainer) -> tuple[int, dict[str, float]] | None:
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            metrics = {k: float(v) for k, v in entry.items()
+                       if k.startswith("eval_") and isinstance(v, (int, float))}
+            return int(entry.get("step", -1)), metrics
+    return None
+
+
+def run_training(
+    spec: JobSpec,
+    output_dir: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+    resume_from_checkpoint: str | None = None,
+) -> dict[str, float]:
+    """Train `spec` and write checkpoints and the final model under `output_dir`.
+
+    Returns the final eval metrics (`eval_loss`, ...), or {} when the spec has no eval data.
+    """
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    threads = configure_threads(spec)
+    set_seed(spec.training.seed)
+    objective = get_objective(spec.objective)
+    log.info("job %s: %s on %s, %d torch threads", spec.name, spec.objective.value,
+             spec.model, threads)
+
+    train_raw, eval_raw = load_splits(spec)
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
+    objective.prepare_tokenizer(spec, tokenizer)
+    model = objective.load_model(spec)
+    _check_lengths(spec, model)
+    train_ds, eval_ds = objective.preprocess(spec, tokenizer, train_raw, eval_raw)
+    has_eval = eval_ds is not None
+
+    args = build_arguments(spec, objective, output_dir, has_eval, resume_from_checkpoint is not None)
+    trainer = objective.trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=objective.collator(spec, tokenizer, model),
+        compute_metrics=objective.compute_metrics(spec, tokenizer) if has_eval else None,
+        preprocess_logits_for_metrics=objective.preprocess_logits_for_metrics,
+        callbacks=[
+            FinalStepFlow(evaluate=has_eval and args.eval_strategy == "no",
+                          save=args.save_strategy == "no"),
+            *callbacks,
+        ],
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+
+    final_metrics: dict[str, float] = {}
+    if has_eval:
+        last = _last_eval(trainer)
+        # Normally the last step was evaluated inside train(); this covers a run that
+        # stopped short of max_steps (e.g. a callback set should_training_stop).
+        if last is None or last[0] != trainer.state.global_step:
+            trainer.evaluate()
+            last = _last_eval(trainer)
+        assert last is not None
+        final_metrics = last[1]
+
+    final_dir = output_dir / FINAL_DIR
+    trainer.save_model(str(final_dir))  # model (safetensors) + tokenizer + generation config
+    log.info("job %s: trained %d steps in %.1fs; final model at %s; %s", spec.name,
+             trainer.state.global_step, time.monotonic() - started, final_dir, final_metrics)
+    return final_metrics
