@@ -76,8 +76,8 @@ def test_clm_packing_makes_full_blocks_separated_by_eos() -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     clm.prepare_tokenizer(spec, tokenizer)
     rows = read_jsonl(DATA / "lm" / "train.jsonl", 40)
-    raw = Dataset.from_list(rows)
-    train, _ = clm.preprocess(spec, tokenizer, raw, None)
+    raw = Dataset.from_list([*rows[:20], {"text": ""}, {"text": "  "}, *rows[20:]])
+    train, _ = clm.preprocess(spec, tokenizer, raw, None)  # blank texts are skipped
 
     total = sum(len(tokenizer(r["text"])["input_ids"]) + 1 for r in rows)  # +1: eos each
     assert len(train) == total // 64

@@ -214,6 +214,27 @@ def test_data_file_formats(tmp_path: Path, suffix: str) -> None:
     assert evaluation is not None and len(evaluation) == 3
 
 
+def test_local_dataset_dir_by_name_with_splits(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    # A folder of data files named by split, as load_dataset reads it...
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for split, n in (("train", 6), ("validation", 2)):
+        rows = "".join(json.dumps({"text": f"{split} {i}"}) + "\n" for i in range(n))
+        (folder / f"{split}.jsonl").write_text(rows)
+    # ...and one written by DatasetDict.save_to_disk.
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_dict({"text": ["a", "b", "c"]}),
+                 "validation": Dataset.from_dict({"text": ["d"]})}).save_to_disk(str(saved))
+
+    for path, sizes in ((folder, (6, 2)), (saved, (3, 1))):
+        spec = build_spec({"name": "dir", "objective": "clm", "model": "unused",
+                           "dataset": {"name": str(path), "eval_split": "validation"}})
+        train, evaluation = load_splits(spec)
+        assert evaluation is not None and (len(train), len(evaluation)) == sizes
+
+
 def test_unknown_file_format_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "data.xml"
     path.write_text("<x/>")

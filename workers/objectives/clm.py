@@ -74,7 +74,11 @@ def preprocess(
             return tokenizer(texts(batch, column), truncation=True, max_length=block)
         # Whole texts (no truncation: packing cuts them into blocks below). An eos between
         # texts marks where one document ends, unless the tokenizer already appends one.
-        ids = tokenizer(texts(batch, column), add_special_tokens=True, verbose=False)["input_ids"]
+        # Blank texts (wikitext-style empty lines) are dropped rather than packed as lone eos.
+        docs = [text for text in texts(batch, column) if text.strip()]
+        if not docs:
+            return {"input_ids": []}
+        ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]
         if eos is not None:
             ids = [seq if seq and seq[-1] == eos else [*seq, eos] for seq in ids]
         return {"input_ids": ids}
