@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.support import FAKE_GPUS, run_orch
+from tests.support import FAKE_GPUS, alive_actor_names, run_orch
 
 pytestmark = pytest.mark.ray
 
@@ -53,17 +53,9 @@ def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) ->
 
     run_orch(orch_env, "cancel", str(second), check=True)
     assert orch_store.get_job(second).state == "cancelled"
-    import os
-
-    from ray.util.state import list_actors
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = f"{orch_env['ORCH_HOME']}/ray/auth_token"
-    address = f"http://127.0.0.1:{orch_env['ORCH_RAY_DASHBOARD_PORT']}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        alive = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
-                 if a.name in (f"orch-{first}-1", f"orch-{second}-1")]
+        alive = alive_actor_names(orch_env) & {f"orch-{first}-1", f"orch-{second}-1"}
         if not alive:
             break
         time.sleep(1)
