@@ -1,0 +1,28 @@
+# One command each: `make demo` (set up, then run the main example job) and `make test`.
+# Both create ./.venv on first use. torch is pinned so that a CPU-only machine takes the
+# CPU build; on a GPU machine `pip install torch` with your CUDA build instead.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint clean-demo
+
+$(BIN)/orch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[test]"
+	touch $(BIN)/orch
+
+setup: $(BIN)/orch
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/orch submit --wait jobs/t5_summarize.yaml
+
+lint: setup
+	$(BIN)/ruff check orchestrator workers tests bench jobs
+
+# pytest exits 5 when it collected no tests: that is a failure here, never a pass.
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q; \
+	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
