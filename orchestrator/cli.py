@@ -281,15 +281,17 @@ def up(num_gpus: int | None, num_cpus: int | None) -> None:
     """Start the local Ray cluster and control plane (submit does this on demand)."""
     from orchestrator import cluster
     from orchestrator.client import start_local_server
+    from orchestrator.config import executor_kind
 
+    tgt = cluster.target()
     try:
-        tgt = cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus) if cluster.target().local \
-            else cluster.target()
-    except cluster.ClusterError as exc:
+        if tgt.local and executor_kind() == "ray":
+            cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus)
+    except (cluster.ClusterError, ValueError) as exc:
         raise OrchError(str(exc)) from None
     url = start_local_server()
     info = Client(url=url).get("/cluster")
-    click.echo(f"orch is up: server {url}, Ray {tgt.jobs_url} "
+    click.echo(f"orch is up: server {url}, Ray {info['jobs_url'] or 'none (no-op executor)'} "
                f"({info['gpus']} GPUs, {info['cpus']} CPUs, {info['nodes']} node(s))")
 
 

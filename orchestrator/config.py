@@ -16,3 +16,11 @@ def orch_home() -> Path:
 def database_url() -> str:
     """`$ORCH_DATABASE_URL`, else a SQLite file in `orch_home()`."""
     return os.environ.get("ORCH_DATABASE_URL") or f"sqlite:///{orch_home()}/orch.db"
+
+
+def executor_kind() -> str:
+    """`ORCH_EXECUTOR`: `ray` (default), or `noop` to measure the control plane alone."""
+    kind = os.environ.get("ORCH_EXECUTOR", "ray")
+    if kind not in ("ray", "noop"):
+        raise ValueError(f"ORCH_EXECUTOR={kind!r}: use ray or noop")
+    return kind

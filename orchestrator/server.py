@@ -11,7 +11,8 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 
 from orchestrator import cluster
 from orchestrator.cluster import Capacity
+from orchestrator.config import executor_kind
 from orchestrator.executor import Executor, RayJobsExecutor
 from orchestrator.models import Checkpoint, Job, JobEvent, Metric
 from orchestrator.preflight import preflight
@@ -72,12 +74,15 @@ class ControlPlane:
     """The store, the executor and the scheduler, plus the loop thread that drives them."""
 
     def __init__(self, store: Store, executor: Executor, capacity: Capacity,
-                 interval: float = 0.5) -> None:
+                 interval: float = 0.5,
+                 refresh_capacity: Callable[[], Capacity] | None = None) -> None:
         self.store = store
         self.scheduler = Scheduler(store, executor, capacity)
         self.executor = executor
         self.interval = interval
+        self.refresh_capacity = refresh_capacity
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="orch-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -85,29 +90,41 @@ class ControlPlane:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
 
+    def wake(self) -> None:
+        """Tick now rather than at the next interval (a job was submitted or cancelled)."""
+        self._wake.set()
+
     def _loop(self) -> None:
-        refresh_every = max(1, int(10 / self.interval))
-        ticks = 0
+        last_refresh = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.scheduler.tick()
-                ticks += 1
-                if ticks % refresh_every == 0:
-                    self.scheduler.capacity = cluster.capacity()
+                if self.refresh_capacity and time.monotonic() - last_refresh > 10:
+                    last_refresh = time.monotonic()
+                    self.scheduler.capacity = self.refresh_capacity()
             except Exception:
                 log.exception("scheduler tick failed")
-            self._stop.wait(self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
 
 
 def default_control_plane() -> ControlPlane:
+    interval = float(os.environ.get("ORCH_SCHEDULER_INTERVAL", "0.5"))
+    store = Store()
+    if executor_kind() == "noop":
+        from orchestrator.noop import NoopExecutor, noop_capacity
+
+        return ControlPlane(store, NoopExecutor(store), noop_capacity(), interval=interval)
     tgt = cluster.target()
     if tgt.local:
         cluster.start_local()
     cluster.apply_auth_env()
-    return ControlPlane(Store(), RayJobsExecutor(tgt.jobs_url), cluster.capacity(tgt.jobs_url),
-                        interval=float(os.environ.get("ORCH_SCHEDULER_INTERVAL", "0.5")))
+    return ControlPlane(store, RayJobsExecutor(tgt.jobs_url), cluster.capacity(tgt.jobs_url),
+                        interval=interval,
+                        refresh_capacity=lambda: cluster.capacity(tgt.jobs_url))
 
 
 def create_app(plane: ControlPlane | None = None) -> FastAPI:
@@ -165,6 +182,7 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
             spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=spec.resources.gpus,
             cpus=spec.resources.cpus, priority=spec.priority,
         )
+        plane.wake()
         return job_json(job)
 
     @app.get("/jobs", dependencies=auth)
@@ -196,6 +214,7 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         get_job(plane, job_id)
         changed, message = plane.scheduler.cancel(
             job_id, f"cancelled by {x_orch_user or 'anonymous'}")
+        plane.wake()
         return {"cancelled": changed, "message": message,
                 "job": job_json(get_job(plane, job_id))}
 
