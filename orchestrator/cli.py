@@ -190,13 +190,24 @@ def status(job_id: int, output: str) -> None:
     if data.get("wait_reason"):
         out.print(f"  waiting: {data['wait_reason']}")
     out.print(f"  owner {data['owner']}, {data['gpus']} GPU(s), {data['cpus']} CPU(s), "
-              f"attempts {data['attempts']}, artifacts {data['artifact_dir']}", highlight=False)
+              f"attempt {data['attempts']} of at most {data['max_attempts']}, "
+              f"artifacts {data['artifact_dir']}", highlight=False)
+    if data.get("parent_job_id"):
+        out.print(f"  resumes job {data['parent_job_id']} from {data['resume_from']}",
+                  highlight=False)
     if data.get("error"):
         out.print(f"  [red]error:[/] {data['error']}", highlight=False)
     if data["metrics"]:
         table = Table("metric", "step", "value", title="latest metrics")
         for name, m in sorted(data["metrics"].items()):
             table.add_row(name, str(m["step"]), _fmt(m["value"]))
+        out.print(table)
+    if len(data["attempt_history"]) > 1 or any(a["cause"] for a in data["attempt_history"]):
+        table = Table("attempt", "Ray job", "started", "ended", "outcome", "cause", title="attempts")
+        for a in data["attempt_history"]:
+            table.add_row(str(a["attempt"]), a["ray_submission_id"], a["started_at"][:19],
+                          (a["ended_at"] or "")[:19], a["outcome"],
+                          (a["cause"] or "").splitlines()[0][:80] if a["cause"] else "")
         out.print(table)
     table = Table("at", "from", "to", "reason", title="history")
     for e in data["events"]:
@@ -270,6 +281,20 @@ def cancel(job_id: int) -> None:
     click.echo(data["message"])
     if not data["cancelled"]:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--wait", is_flag=True, help="follow the new job; exit 0 only if it succeeds")
+@friendly_errors
+def resume(job_id: int, wait: bool) -> None:
+    """Continue a failed or cancelled job from its latest checkpoint, as a new job."""
+    client = Client()
+    job = client.post(f"/jobs/{job_id}/resume")
+    click.echo(f"submitted job {job['id']} (resumes job {job_id} from {job['resume_from']})")
+    if wait:
+        final = _follow(client, job["id"])
+        sys.exit(0 if final["state"] == "succeeded" else 1)
 
 
 # -- lifecycle ------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ The Ray Job's driver (`workers.driver`) starts the GPU-scheduled worker actor.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 from orchestrator import cluster
@@ -40,8 +42,27 @@ def submission_id(job_id: int, attempt: int) -> str:
     return f"orch-{job_id}-{attempt}"
 
 
+def attempt_log(artifact_dir: str | Path, attempt: int) -> Path:
+    """Where an attempt's driver and worker output is kept (durable, outlives Ray)."""
+    return Path(artifact_dir) / "logs" / f"attempt-{attempt}.log"
+
+
+def read_job_logs(artifact_dir: str | Path) -> str | None:
+    """All attempts' logs of a job, oldest attempt first; None when none were written."""
+    files = sorted(Path(artifact_dir, "logs").glob("attempt-*.log"),
+                   key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        return None
+    parts = []
+    for path in files:
+        parts.append(f"===== {path.stem} =====\n")
+        parts.append(path.read_text(errors="replace"))
+    return "".join(parts)
+
+
 class Executor(Protocol):
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str: ...
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
+               log_file: str | None = None) -> str: ...
     def info(self, submission: str) -> RayJobInfo: ...
     def stop(self, submission: str) -> None: ...
     def logs(self, submission: str) -> str | None: ...
@@ -61,7 +82,8 @@ class RayJobsExecutor:
         # The entrypoint runs with the cluster's environment, not ours: name the interpreter.
         self.python = os.environ.get("ORCH_WORKER_PYTHON", sys.executable)
 
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str:
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
+               log_file: str | None = None) -> str:
         sid = submission_id(job_id, attempt)
         env = {
             "ORCH_DATABASE_URL": os.environ.get("ORCH_WORKER_DATABASE_URL", database_url()),
@@ -71,7 +93,8 @@ class RayJobsExecutor:
         env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
         self.client.submit_job(
             entrypoint=(f"{self.python} -m workers.driver --job-id {job_id} --attempt {attempt}"
-                        f" --gpus {gpus} --cpus {cpus}"),
+                        f" --gpus {gpus} --cpus {cpus}"
+                        + (f" --log-file {shlex.quote(log_file)}" if log_file else "")),
             submission_id=sid,
             runtime_env={"env_vars": env},
             # The driver only starts the worker actor; the actor holds the GPUs and CPUs.

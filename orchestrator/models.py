@@ -66,6 +66,9 @@ class Job(SQLModel, table=True):
     ray_submission_id: str | None = None
     error: str | None = Field(default=None, sa_type=sa.Text)
     artifact_dir: str
+    # `orch resume`: the job this one continues, and the checkpoint it starts from.
+    parent_job_id: int | None = Field(default=None, foreign_key="jobs.id", ondelete="SET NULL")
+    resume_from: str | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -129,3 +132,20 @@ class Checkpoint(SQLModel, table=True):
     is_latest: bool = False
     deleted: bool = False  # files removed from disk by retention; the row stays as history
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Attempt(SQLModel, table=True):
+    """One try at running a job: one Ray Job, from admission to its end and why."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (sa.UniqueConstraint("job_id", "attempt", name="uq_attempts_job_attempt"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", ondelete="CASCADE")
+    attempt: int
+    ray_submission_id: str
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # running, succeeded, failed, cancelled, retried (an infrastructure failure, requeued)
+    outcome: str = "running"
+    cause: str | None = Field(default=None, sa_type=sa.Text)

@@ -26,7 +26,8 @@ class NoopExecutor:
         self.finish = finish  # False: jobs stay running (they hold their resources)
         self.jobs_url = None
 
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str:
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
+               log_file: str | None = None) -> str:
         self.store.transition(job_id, JobState.RUNNING, "no-op executor: started",
                               expected=[JobState.PENDING])
         if self.finish:

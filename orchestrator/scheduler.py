@@ -1,23 +1,33 @@
 """The scheduling loop: admit queued jobs onto free capacity, reconcile jobs with Ray.
 
 The store is the source of truth for what holds resources: a job in PENDING or RUNNING
-holds its GPUs and CPUs until it reaches a terminal state. Ray's own view of free
-resources lags behind submissions, so admission never reads it.
+holds its GPUs and CPUs until it leaves those states. Ray's own view of free resources
+lags behind submissions, so admission never reads it.
 
 Admission order: highest `priority` first, then submission order. The head of the queue
-is never skipped: if it does not fit yet, nothing behind it is admitted either, so a
-large job cannot be starved by a stream of small ones (strict ordering; backfill would
-trade that guarantee for utilisation).
+is never skipped for lack of capacity: if it does not fit yet, nothing behind it is
+admitted either, so a large job cannot be starved by a stream of small ones (a
+reservation for the head; backfill would trade that guarantee for utilisation). The one
+exception is the per-user GPU cap: a job held back by its owner's own usage does not
+block other users' jobs, it waits for its owner's jobs to finish.
+
+Failures: a Ray Job that ended while the store still says pending/running is an
+infrastructure failure (the worker records errors in the job itself before its Ray Job
+ends). It is retried while `retries` allow, resuming from the latest checkpoint, else
+failed. If Ray cannot be reached at all for `cluster_loss_grace` seconds, every active
+job is treated the same way, so no job stays "running" on a cluster that is gone.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 from orchestrator.cluster import Capacity
-from orchestrator.executor import Executor, RayStatus, submission_id
+from orchestrator.executor import Executor, RayStatus, attempt_log, submission_id
 from orchestrator.models import Job
 from orchestrator.states import ACTIVE_STATES, JobState
 from orchestrator.store import Store
@@ -36,10 +46,14 @@ def usage(jobs: list[Job]) -> Usage:
 
 
 class Scheduler:
-    def __init__(self, store: Store, executor: Executor, capacity: Capacity) -> None:
+    def __init__(self, store: Store, executor: Executor, capacity: Capacity, *,
+                 user_gpu_cap: int | None = None, cluster_loss_grace: float = 30.0) -> None:
         self.store = store
         self.executor = executor
         self.capacity = capacity
+        self.user_gpu_cap = user_gpu_cap
+        self.cluster_loss_grace = cluster_loss_grace
+        self.unreachable_since: float | None = None
         self._lock = threading.Lock()  # one tick at a time (loop thread and API calls)
 
     # -- queries ------------------------------------------------------------------------
@@ -57,6 +71,11 @@ class Scheduler:
                 f"resources.gpus: the job asks for {gpus} GPUs but the whole cluster has "
                 f"{self.capacity.gpus}; lower resources.gpus or add GPU nodes"
             )
+        if self.user_gpu_cap is not None and gpus > self.user_gpu_cap:
+            return (
+                f"resources.gpus: the job asks for {gpus} GPUs but each user may hold at most "
+                f"{self.user_gpu_cap} at once; lower resources.gpus"
+            )
         if cpus > self.capacity.cpus:
             return (
                 f"resources.cpus: the job asks for {cpus} CPUs but the whole cluster has "
@@ -64,9 +83,25 @@ class Scheduler:
             )
         return None
 
+    def _owner_gpus(self) -> Counter[str]:
+        held: Counter[str] = Counter()
+        for job in self.active_jobs():
+            held[job.owner] += job.gpus
+        return held
+
+    def _capped(self, job: Job, held: Counter[str]) -> bool:
+        return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
+
     def wait_reason(self, job: Job) -> str:
         """Why a queued job is still waiting, in words for `orch status`."""
-        queue = self.store.queued_jobs()
+        held = self._owner_gpus()
+        if self._capped(job, held):
+            return (f"waiting for {job.owner}'s other jobs: they hold {held[job.owner]} GPUs "
+                    f"and the per-user cap is {self.user_gpu_cap}")
+        if self.unreachable_since is not None:
+            down = time.monotonic() - self.unreachable_since
+            return f"waiting for the Ray cluster, unreachable for {down:.0f}s"
+        queue = [j for j in self.store.queued_jobs() if not self._capped(j, held)]
         ahead = next((i for i, j in enumerate(queue) if j.id == job.id), 0)
         free = self.free()
         parts = []
@@ -82,13 +117,18 @@ class Scheduler:
     def tick(self) -> None:
         with self._lock:
             self._reconcile()
-            self._admit()
+            if self.unreachable_since is None:
+                self._admit()
 
     def _admit(self) -> None:
         free = self.free()
+        held = self._owner_gpus()
         for job in self.store.queued_jobs():
+            if self._capped(job, held):
+                continue  # waits for its owner's own jobs; does not hold up anyone else
             if job.gpus > free.gpus or job.cpus > free.cpus:
-                return  # strict order: the head waits, and so does everything behind it
+                return  # the head waits, and so does everything behind it
+            previous = job.ray_submission_id
             attempt = job.attempts + 1
             sid = submission_id(job.id, attempt)
             # Claim the job first (compare-and-set), then submit: a job is handed to Ray at
@@ -97,33 +137,46 @@ class Scheduler:
                 job.id, JobState.PENDING,
                 f"admitted: {job.gpus} GPU(s), {job.cpus} CPU(s); Ray job {sid}",
                 expected=[JobState.QUEUED], attempts=attempt, ray_submission_id=sid,
+                attempt_started=sid,
             ):
                 continue
             try:
-                self.executor.submit(job.id, attempt, job.gpus, job.cpus)
+                if previous:
+                    # A retry after Ray was unreachable: make sure the old attempt is not
+                    # still running somewhere, so the job never runs twice.
+                    self.executor.stop(previous)
+                self.executor.submit(job.id, attempt, job.gpus, job.cpus,
+                                     log_file=str(attempt_log(job.artifact_dir, attempt)))
             except Exception as exc:
-                log.exception("submitting job %s to Ray failed", job.id)
+                log.warning("submitting job %s to Ray failed: %s", job.id, exc)
+                # Not the job's fault and it never ran: back to the queue, and no more
+                # admissions until Ray answers again.
                 self.store.transition(
-                    job.id, JobState.FAILED, f"could not submit to Ray: {exc}",
-                    expected=[JobState.PENDING], error=f"could not submit to Ray: {exc}",
+                    job.id, JobState.QUEUED, f"could not submit to Ray ({exc}); requeued",
+                    expected=[JobState.PENDING], attempt_ended=("not_started", str(exc)),
                 )
-                continue
+                self.unreachable_since = self.unreachable_since or time.monotonic()
+                return
             free = Usage(free.gpus - job.gpus, free.cpus - job.cpus)
+            held[job.owner] += job.gpus
 
     def _reconcile(self) -> None:
-        """Move jobs whose Ray Job ended without the worker recording the outcome."""
-        for job in self.active_jobs():
+        """Settle active jobs whose Ray Job ended without the worker recording an outcome."""
+        active = self.active_jobs()
+        reached = False
+        for job in active:
             if not job.ray_submission_id:
                 continue
             try:
                 info = self.executor.info(job.ray_submission_id)
-            except Exception:
-                log.warning("cannot read Ray status of job %s", job.id, exc_info=True)
+            except Exception as exc:
+                log.warning("cannot read Ray status of job %s: %s", job.id, exc)
                 continue
+            reached = True
             if not info.status.is_terminal:
                 continue
-            # The worker records success itself, after the final model is saved. Re-read:
-            # it may have just done so.
+            # The worker records its own outcome before its Ray Job ends. Re-read: it may
+            # have just done so.
             current = self.store.get_job(job.id)
             if current is None or JobState(current.state).is_terminal:
                 continue
@@ -131,17 +184,59 @@ class Scheduler:
                 self.store.transition(
                     job.id, JobState.QUEUED,
                     "Ray has no record of the submission (lost before it started); requeued",
-                    expected=[JobState.PENDING],
+                    expected=[JobState.PENDING], attempt_ended=("not_started", "submission lost"),
                 )
                 continue
-            reason = _ray_failure_reason(info.status, info.message, self._log_tail(job))
+            self.fail_or_retry(current, _ray_failure_reason(info.status, info.message,
+                                                            self._log_tail(job)))
+        if reached:
+            self.unreachable_since = None
+        elif not active:
+            # Nothing to ask about; if a submission failed, probe until Ray answers again.
+            self.unreachable_since = self.unreachable_since and self._probe_unreachable()
+        else:
+            self._cluster_unreachable(active)
+
+    def _probe_unreachable(self) -> float | None:
+        """With no active job to ask about, ask Ray anything: is it there?"""
+        try:
+            self.executor.info("orch-probe")
+        except Exception:
+            return self.unreachable_since or time.monotonic()
+        return None
+
+    def _cluster_unreachable(self, active: list[Job]) -> None:
+        now = time.monotonic()
+        self.unreachable_since = self.unreachable_since or now
+        down_for = now - self.unreachable_since
+        if down_for < self.cluster_loss_grace:
+            return
+        for job in active:
+            self.fail_or_retry(job, f"the Ray cluster was unreachable for {down_for:.0f}s")
+
+    def fail_or_retry(self, job: Job, cause: str) -> None:
+        """An infrastructure failure: retry while `retries` allow, else fail the job."""
+        assert job.id is not None
+        retried = sum(a.outcome == "retried" for a in self.store.attempts(job.id))
+        if retried + 1 < job.max_attempts:
             self.store.transition(
-                job.id, JobState.FAILED, reason, expected=list(ACTIVE_STATES), error=reason,
+                job.id, JobState.QUEUED,
+                f"attempt {job.attempts} lost ({cause.splitlines()[0]}); retry "
+                f"{retried + 1} of {job.max_attempts - 1}, resuming from the latest checkpoint",
+                expected=list(ACTIVE_STATES), attempt_ended=("retried", cause),
+            )
+        else:
+            self.store.transition(
+                job.id, JobState.FAILED, cause, expected=list(ACTIVE_STATES), error=cause,
+                attempt_ended=("failed", cause),
             )
 
     def _log_tail(self, job: Job, lines: int = 8) -> str:
         assert job.ray_submission_id
-        text = self.executor.logs(job.ray_submission_id) or ""
+        try:
+            text = self.executor.logs(job.ray_submission_id) or ""
+        except Exception:
+            return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
     # -- cancel ---------------------------------------------------------------------------
@@ -160,12 +255,16 @@ class Scheduler:
                 return True, f"job {job_id} cancelled (it never started)"
             # Record first so the worker's own final write loses the race, then stop Ray.
             if not self.store.transition(
-                job_id, JobState.CANCELLED, reason, expected=list(ACTIVE_STATES)
+                job_id, JobState.CANCELLED, reason, expected=list(ACTIVE_STATES),
+                attempt_ended=("cancelled", reason),
             ):
                 latest = self.store.get_job(job_id)
                 return False, f"job {job_id} already {latest.state if latest else 'gone'}"
             if job.ray_submission_id:
-                self.executor.stop(job.ray_submission_id)
+                try:
+                    self.executor.stop(job.ray_submission_id)
+                except Exception as exc:
+                    return True, f"job {job_id} cancelled; stopping its Ray job failed: {exc}"
             return True, f"job {job_id} cancelled; its Ray job was stopped"
 
 
@@ -177,5 +276,6 @@ def _ray_failure_reason(status: RayStatus, message: str, log_tail: str) -> str:
     elif status == RayStatus.MISSING:
         head = "Ray has no record of the running job (the cluster was restarted or lost)"
     else:
-        head = f"the Ray job failed: {message.strip()}" if message else "the Ray job failed"
+        first = message.strip().splitlines()[0] if message.strip() else ""
+        head = f"the Ray job failed: {first}" if first else "the Ray job failed"
     return f"{head}\n{log_tail}" if log_tail else head

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
@@ -23,8 +24,8 @@ from pydantic import BaseModel
 from orchestrator import cluster
 from orchestrator.cluster import Capacity
 from orchestrator.config import executor_kind
-from orchestrator.executor import Executor, RayJobsExecutor
-from orchestrator.models import Checkpoint, Job, JobEvent, Metric
+from orchestrator.executor import Executor, RayJobsExecutor, read_job_logs
+from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric
 from orchestrator.preflight import preflight
 from orchestrator.scheduler import Scheduler
 from orchestrator.spec import SpecError, spec_from_dict
@@ -47,7 +48,9 @@ def job_json(job: Job) -> dict[str, Any]:
     return {
         "id": job.id, "name": job.name, "objective": job.objective, "owner": job.owner,
         "state": job.state, "priority": job.priority, "gpus": job.gpus, "cpus": job.cpus,
-        "attempts": job.attempts, "error": job.error, "artifact_dir": job.artifact_dir,
+        "attempts": job.attempts, "max_attempts": job.max_attempts, "error": job.error,
+        "artifact_dir": job.artifact_dir, "parent_job_id": job.parent_job_id,
+        "resume_from": job.resume_from,
         "ray_submission_id": job.ray_submission_id, "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
     }
@@ -61,6 +64,12 @@ def event_json(event: JobEvent) -> dict[str, Any]:
 def metric_json(metric: Metric) -> dict[str, Any]:
     return {"step": metric.step, "name": metric.name, "value": metric.value,
             "attempt": metric.attempt}
+
+
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {"attempt": attempt.attempt, "ray_submission_id": attempt.ray_submission_id,
+            "started_at": _iso(attempt.started_at), "ended_at": _iso(attempt.ended_at),
+            "outcome": attempt.outcome, "cause": attempt.cause}
 
 
 def checkpoint_json(ckpt: Checkpoint) -> dict[str, Any]:
@@ -77,7 +86,11 @@ class ControlPlane:
                  interval: float = 0.5,
                  refresh_capacity: Callable[[], Capacity] | None = None) -> None:
         self.store = store
-        self.scheduler = Scheduler(store, executor, capacity)
+        cap = os.environ.get("ORCH_USER_GPU_CAP")
+        self.scheduler = Scheduler(
+            store, executor, capacity, user_gpu_cap=int(cap) if cap else None,
+            cluster_loss_grace=float(os.environ.get("ORCH_CLUSTER_LOSS_GRACE", "30")),
+        )
         self.executor = executor
         self.interval = interval
         self.refresh_capacity = refresh_capacity
@@ -180,7 +193,7 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         job = plane.store.create_job(
             name=spec.name, objective=spec.objective.value, owner=x_orch_user or "anonymous",
             spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=spec.resources.gpus,
-            cpus=spec.resources.cpus, priority=spec.priority,
+            cpus=spec.resources.cpus, priority=spec.priority, max_attempts=spec.retries + 1,
         )
         plane.wake()
         return job_json(job)
@@ -199,6 +212,7 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         out = job_json(job)
         out["spec"] = job.spec
         out["events"] = [event_json(e) for e in plane.store.events(job_id)]
+        out["attempt_history"] = [attempt_json(a) for a in plane.store.attempts(job_id)]
         latest = plane.store.latest_metrics(job_id)
         out["metrics"] = {name: {"step": step, "value": value}
                           for name, (step, value) in latest.items()}
@@ -218,6 +232,36 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         return {"cancelled": changed, "message": message,
                 "job": job_json(get_job(plane, job_id))}
 
+    @app.post("/jobs/{job_id}/resume", status_code=201, dependencies=auth)
+    def resume(job_id: int, request: Request,
+               x_orch_user: str | None = Header(default=None)) -> dict[str, Any]:
+        """A failed or cancelled job continues as a new job from its latest checkpoint.
+
+        The old job keeps its terminal state (terminal states never change); the new one
+        records where it came from (`parent_job_id`, `resume_from`).
+        """
+        plane = cp(request)
+        old = get_job(plane, job_id)
+        if old.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise HTTPException(409, f"job {job_id} is {old.state}; only failed or cancelled "
+                                     "jobs can be resumed")
+        from workers.reporting import is_complete_checkpoint
+
+        latest = next((c for c in reversed(plane.store.checkpoints(job_id))
+                       if c.kind == "checkpoint" and is_complete_checkpoint(Path(c.path))), None)
+        if latest is None:
+            raise HTTPException(409, f"job {job_id} has no complete checkpoint to resume from; "
+                                     "submit its spec again instead")
+        user = x_orch_user or "anonymous"
+        job = plane.store.create_job(
+            name=old.name, objective=old.objective, owner=user, spec=old.spec,
+            spec_yaml=old.spec_yaml, gpus=old.gpus, cpus=old.cpus, priority=old.priority,
+            max_attempts=old.max_attempts, parent_job_id=job_id, resume_from=latest.path,
+            reason=f"submitted by {user}: resume of job {job_id} from step {latest.step}",
+        )
+        plane.wake()
+        return job_json(job)
+
     @app.get("/jobs/{job_id}/metrics", dependencies=auth)
     def metrics(job_id: int, request: Request, name: str | None = None) -> dict[str, Any]:
         plane = cp(request)
@@ -236,9 +280,12 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
     def logs(job_id: int, request: Request, offset: int = 0) -> dict[str, Any]:
         plane = cp(request)
         job = get_job(plane, job_id)
-        text = ""
-        if job.ray_submission_id:
-            text = plane.executor.logs(job.ray_submission_id) or ""
+        # The durable copy first: it outlives the Ray cluster. Ray's own logs are the
+        # fallback for a job whose driver has not started writing yet.
+        text = read_job_logs(job.artifact_dir)
+        if text is None:
+            text = (plane.executor.logs(job.ray_submission_id) if job.ray_submission_id
+                    else None) or ""
         return {"id": job_id, "state": job.state, "offset": len(text), "text": text[offset:]}
 
     @app.exception_handler(SpecError)

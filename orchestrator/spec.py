@@ -193,6 +193,9 @@ class JobSpec(_Section):
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
     # Higher runs first.
     priority: StrictInt = 0
+    # Extra attempts after an infrastructure failure (worker process killed, node or cluster
+    # lost); each resumes from the latest checkpoint. Errors in the job itself never retry.
+    retries: StrictInt = Field(default=0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _objective_rules(self) -> JobSpec:

@@ -4,9 +4,10 @@ Every job moves through these states; the store applies each move as a guarded
 compare-and-set and records it as a JobEvent. Terminal states never change.
 
     queued --> pending --> running --> succeeded
-       |          |           |-----> failed
-       |          |           '-----> cancelled
-       '----------'--> failed | cancelled
+     ^ |          |           |-----> failed
+     | |          |           '-----> cancelled
+     | '----------'--> failed | cancelled
+     '--- pending | running (retry after an infrastructure failure)
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset(
         {JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}
     ),
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}),
+    # RUNNING -> QUEUED: an infrastructure failure with attempts left (retry, resuming
+    # from the latest checkpoint).
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
 }
 
 # States in which the job holds (or is about to hold) cluster resources.

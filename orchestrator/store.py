@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
 from orchestrator.config import database_url, orch_home
-from orchestrator.models import Checkpoint, Job, JobEvent, Metric, utcnow
+from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric, utcnow
 from orchestrator.states import JobState, can_transition
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
@@ -183,6 +183,9 @@ class Store:
         priority: int = 0,
         max_attempts: int = 1,
         artifact_root: Path | None = None,
+        parent_job_id: int | None = None,
+        resume_from: str | None = None,
+        reason: str | None = None,
     ) -> Job:
         for label, value in (("name", name), ("objective", objective), ("owner", owner)):
             if not isinstance(value, str) or not value.strip():
@@ -205,6 +208,8 @@ class Store:
             gpus=int(gpus),
             cpus=int(cpus),
             max_attempts=int(max_attempts),
+            parent_job_id=parent_job_id,
+            resume_from=resume_from,
             artifact_dir="",  # needs the id; set after the INSERT, same transaction
             created_at=now,
             updated_at=now,
@@ -219,7 +224,7 @@ class Store:
                     job_id=job.id,
                     from_state=None,
                     to_state=JobState.QUEUED.value,
-                    reason=f"submitted by {owner}",
+                    reason=reason or f"submitted by {owner}",
                     at=now,
                 )
             )
@@ -264,6 +269,8 @@ class Store:
         reason: str,
         *,
         expected: Iterable[JobState] | None = None,
+        attempt_started: str | None = None,
+        attempt_ended: tuple[str, str | None] | None = None,
         **fields: Any,
     ) -> bool:
         """Move a job to `target` if the state machine allows it; True when it moved.
@@ -271,6 +278,10 @@ class Store:
         Returns False, changing nothing, when the job is missing or terminal, its
         state is not in `expected`, the move is not allowed, or a concurrent writer
         changed the state first.
+
+        In the same transaction: `attempt_started` (a Ray submission id) opens the row of
+        attempt `fields["attempts"]`; `attempt_ended` (outcome, cause) closes the row of
+        the job's current attempt.
         """
         target = JobState(target)
         unknown = set(fields) - _TRANSITION_FIELDS
@@ -278,6 +289,8 @@ class Store:
             raise ValueError(f"transition() cannot set {sorted(unknown)}")
         _check_aware("started_at", fields.get("started_at"))
         allowed_from: frozenset[JobState] | None = None
+        if attempt_started is not None and "attempts" not in fields:
+            raise ValueError("attempt_started needs attempts=<the attempt's number>")
         if expected is not None:
             allowed_from = frozenset(JobState(s) for s in expected)
             impossible = sorted(s.value for s in allowed_from if not can_transition(s, target))
@@ -319,7 +332,26 @@ class Store:
                     at=now,
                 )
             )
+            if attempt_started is not None:
+                session.add(Attempt(job_id=job_id, attempt=int(fields["attempts"]),
+                                    ray_submission_id=attempt_started, started_at=now))
+            if attempt_ended is not None:
+                number = session.execute(
+                    select(Job.attempts).where(col(Job.id) == job_id)).scalar_one()
+                session.execute(
+                    update(Attempt)
+                    .where(col(Attempt.job_id) == job_id, col(Attempt.attempt) == number,
+                           col(Attempt.ended_at).is_(None))
+                    .values(ended_at=now, outcome=attempt_ended[0], cause=attempt_ended[1])
+                    .execution_options(synchronize_session=False)
+                )
         return True
+
+    def attempts(self, job_id: int) -> list[Attempt]:
+        """Every try at running the job, oldest first."""
+        query = select(Attempt).where(col(Attempt.job_id) == job_id).order_by(col(Attempt.attempt))
+        with self._read() as session:
+            return list(session.scalars(query))
 
     @staticmethod
     def _read_state(session: Session, job_id: int) -> tuple[JobState, datetime | None] | None:

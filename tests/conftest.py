@@ -25,6 +25,7 @@ def orch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         ORCH_RAY_DASHBOARD_PORT="8266",
         ORCH_SERVER_PORT="8771",
         ORCH_SCHEDULER_INTERVAL="0.3",
+        ORCH_CLUSTER_LOSS_GRACE="8",
         ORCH_USER="tester",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",

@@ -11,6 +11,8 @@ tests, a laptop). It builds a Hugging Face Trainer for the spec's objective and:
   * returns the final eval metrics (`eval_` keys).
 
 Checkpoint retention is not done here (save_total_limit=None): orch's callback decides.
+Checkpoints are written under a temporary name and renamed into place, so a process
+killed mid-save never leaves a `checkpoint-N` directory behind that looks complete.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +46,36 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
+STAGING_DIR = ".partial"  # inside CHECKPOINTS_DIR: checkpoints being written
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: write each checkpoint in a staging dir, then rename it into place.
+
+    The Trainer writes weights, optimizer, scheduler, RNG state and trainer_state.json one
+    after another straight into checkpoint-N; a kill in between would leave a partial
+    checkpoint under its final name. The rename is atomic on POSIX filesystems.
+    """
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
+        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        staging_root = run_dir / STAGING_DIR
+        shutil.rmtree(staging_root / name, ignore_errors=True)
+        # The Trainer derives the checkpoint path from _get_output_dir: point it at staging.
+        self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            del self._get_output_dir
+        final = run_dir / name
+        if final.exists():  # left by an attempt that died after writing it, never registered
+            shutil.rmtree(final)
+        os.replace(staging_root / name, final)
+
+
+def with_atomic_checkpoints(trainer_class: type[Trainer]) -> type[Trainer]:
+    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
 
 
 def configure_threads(spec: JobSpec) -> int:
@@ -189,7 +222,9 @@ def run_training(
     has_eval = eval_ds is not None
 
     args = build_arguments(spec, objective, output_dir, has_eval, resume_from_checkpoint is not None)
-    trainer = objective.trainer_class(
+    # Whatever a killed attempt was still writing is garbage.
+    shutil.rmtree(Path(args.output_dir) / STAGING_DIR, ignore_errors=True)
+    trainer = with_atomic_checkpoints(objective.trainer_class)(
         model=model,
         args=args,
         train_dataset=train_ds,

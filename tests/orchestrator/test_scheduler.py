@@ -5,6 +5,7 @@ Ray is replaced by a recording fake executor; the store is real (SQLite and Post
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,8 +23,10 @@ class FakeExecutor:
     submitted: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
     fail_submit: bool = False
+    down: bool = False  # the whole cluster is unreachable
 
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int) -> str:
+    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
+               log_file: str | None = None) -> str:
         if self.fail_submit:
             raise RuntimeError("dashboard unreachable")
         sid = submission_id(job_id, attempt)
@@ -32,6 +35,8 @@ class FakeExecutor:
         return sid
 
     def info(self, submission: str) -> RayJobInfo:
+        if self.down:
+            raise ConnectionError("cluster unreachable")
         return self.statuses.get(submission, RayJobInfo(RayStatus.MISSING))
 
     def stop(self, submission: str) -> None:
@@ -42,9 +47,10 @@ class FakeExecutor:
         return "line 1\nTraceback: boom"
 
 
-def add_job(store: Store, gpus: int = 1, cpus: int = 1, priority: int = 0) -> int:
-    job = store.create_job(name="j", objective="clm", owner="ann", spec={}, spec_yaml="",
-                           gpus=gpus, cpus=cpus, priority=priority)
+def add_job(store: Store, gpus: int = 1, cpus: int = 1, priority: int = 0, owner: str = "ann",
+            max_attempts: int = 1) -> int:
+    job = store.create_job(name="j", objective="clm", owner=owner, spec={}, spec_yaml="",
+                           gpus=gpus, cpus=cpus, priority=priority, max_attempts=max_attempts)
     assert job.id is not None
     return job.id
 
@@ -111,14 +117,20 @@ def test_never_fits_names_the_field(sched: Scheduler) -> None:
     assert (sched.never_fits(0, 9) or "").startswith("resources.cpus")
 
 
-def test_failed_submission_fails_the_job(store: Store, fake: FakeExecutor,
-                                         sched: Scheduler) -> None:
+def test_failed_submission_requeues_and_pauses_admission(store: Store, fake: FakeExecutor,
+                                                         sched: Scheduler) -> None:
     fake.fail_submit = True
     job = add_job(store)
     sched.tick()
-    failed = store.get_job(job)
-    assert failed and failed.state == JobState.FAILED
-    assert "could not submit to Ray: dashboard unreachable" in (failed.error or "")
+    assert state(store, job) == JobState.QUEUED
+    assert "could not submit to Ray (dashboard unreachable); requeued" in store.events(job)[-1].reason
+    assert sched.unreachable_since is not None
+    assert sched.wait_reason(store.get_job(job)).startswith("waiting for the Ray cluster")  # type: ignore[arg-type]
+    fake.fail_submit = False
+    sched.tick()  # Ray answers again: admission resumes
+    admitted = store.get_job(job)
+    assert admitted and admitted.state == JobState.PENDING and admitted.attempts == 2
+    assert [(a.attempt, a.outcome) for a in store.attempts(job)] == [(1, "not_started"), (2, "running")]
 
 
 @pytest.mark.parametrize(
@@ -181,3 +193,73 @@ def test_cancel_from_each_state(store: Store, fake: FakeExecutor, sched: Schedul
     assert sched.cancel(999, "x") == (False, "job 999 not found")
     # A cancelled job's GPUs count as free again.
     assert sched.free().gpus == 2
+
+
+def test_infrastructure_failure_is_retried_then_fails(store: Store, fake: FakeExecutor,
+                                                      sched: Scheduler) -> None:
+    job = add_job(store, max_attempts=3)
+    for attempt in (1, 2, 3):
+        sched.tick()
+        current = store.get_job(job)
+        assert current and current.state == JobState.PENDING and current.attempts == attempt
+        store.transition(job, JobState.RUNNING, "started", expected=[JobState.PENDING])
+        fake.statuses[submission_id(job, attempt)] = RayJobInfo(RayStatus.FAILED, "worker died")
+        sched.tick()
+    failed = store.get_job(job)
+    assert failed and failed.state == JobState.FAILED and "worker died" in (failed.error or "")
+    assert [(a.attempt, a.outcome) for a in store.attempts(job)] == [
+        (1, "retried"), (2, "retried"), (3, "failed")]
+    reasons = [e.reason for e in store.events(job) if e.to_state == JobState.QUEUED][1:]
+    assert "retry 1 of 2, resuming from the latest checkpoint" in reasons[0]
+    assert "retry 2 of 2" in reasons[1]
+    # The retry stopped the earlier attempt's Ray job before submitting the next.
+    assert fake.stopped == [submission_id(job, 1), submission_id(job, 2)]
+
+
+def test_error_recorded_by_the_worker_is_not_retried(store: Store, fake: FakeExecutor,
+                                                     sched: Scheduler) -> None:
+    job = add_job(store, max_attempts=3)
+    sched.tick()
+    store.transition(job, JobState.RUNNING, "started", expected=[JobState.PENDING])
+    store.transition(job, JobState.FAILED, "training failed: KeyError", expected=[JobState.RUNNING],
+                     error="KeyError", attempt_ended=("failed", "KeyError"))
+    fake.statuses[submission_id(job, 1)] = RayJobInfo(RayStatus.FAILED, "exit 1")
+    sched.tick()
+    assert state(store, job) == JobState.FAILED and fake.submitted == [submission_id(job, 1)]
+
+
+def test_cluster_loss_moves_running_jobs_out_of_running(store: Store, fake: FakeExecutor) -> None:
+    sched = Scheduler(store, fake, Capacity(gpus=2, cpus=8, nodes=1), cluster_loss_grace=0.3)
+    retried = add_job(store, max_attempts=2)
+    doomed = add_job(store)
+    sched.tick()
+    for job in (retried, doomed):
+        store.transition(job, JobState.RUNNING, "started", expected=[JobState.PENDING])
+    fake.down = True
+    sched.tick()  # inside the grace period: nothing changes yet
+    assert state(store, retried) == state(store, doomed) == JobState.RUNNING
+    time.sleep(0.4)
+    sched.tick()
+    assert state(store, retried) == JobState.QUEUED
+    assert state(store, doomed) == JobState.FAILED
+    assert "the Ray cluster was unreachable" in (store.get_job(doomed).error or "")  # type: ignore[union-attr]
+    sched.tick()  # no admissions while Ray is unreachable
+    assert state(store, retried) == JobState.QUEUED
+    fake.down = False
+    sched.tick()
+    current = store.get_job(retried)
+    assert current and current.state == JobState.PENDING and current.attempts == 2
+
+
+def test_per_user_gpu_cap_holds_back_only_that_user(store: Store, fake: FakeExecutor) -> None:
+    sched = Scheduler(store, fake, Capacity(gpus=4, cpus=8, nodes=1), user_gpu_cap=2)
+    first = add_job(store, gpus=2, owner="ann")
+    second = add_job(store, gpus=1, owner="ann")
+    bob = add_job(store, gpus=1, owner="bob")
+    sched.tick()
+    assert state(store, first) == JobState.PENDING and state(store, bob) == JobState.PENDING
+    assert state(store, second) == JobState.QUEUED
+    assert sched.wait_reason(store.get_job(second)) == (  # type: ignore[arg-type]
+        "waiting for ann's other jobs: they hold 2 GPUs and the per-user cap is 2")
+    assert (sched.never_fits(3, 1) or "").endswith(
+        "each user may hold at most 2 at once; lower resources.gpus")

@@ -26,6 +26,7 @@ ALLOWED = {
     (JobState.RUNNING, JobState.SUCCEEDED),
     (JobState.RUNNING, JobState.FAILED),
     (JobState.RUNNING, JobState.CANCELLED),
+    (JobState.RUNNING, JobState.QUEUED),  # retry after an infrastructure failure
 }
 
 

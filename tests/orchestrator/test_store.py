@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlmodel import SQLModel
 
@@ -470,7 +472,8 @@ def test_migrations_idempotent_and_match_models(db_url: str) -> None:
         with Store(db_url) as store:
             new_job(store)
     with Store(db_url) as store, store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0001",)]
+        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [(head,)]
         assert len(store.list_jobs()) == 2
         # The hand-written migration and the SQLModel tables describe the same schema.
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
@@ -548,3 +551,33 @@ def test_concurrent_processes_on_fresh_database(db_url: str) -> None:
         assert sorted(j.name for j in jobs) == sorted(f"w{w}-{i}" for w in range(8) for i in range(10))
         for job in jobs[::10]:
             assert len(store.events(job.id or 0)) == 1
+
+
+def _alembic_config() -> Config:
+    from orchestrator.store import MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def test_attempts_are_opened_and_closed_with_transitions(store: Store) -> None:
+    job = store.create_job(name="a", objective="clm", owner="o", spec={}, spec_yaml="",
+                           gpus=0, cpus=1, max_attempts=2)
+    assert job.id is not None
+    assert store.transition(job.id, JobState.PENDING, "admitted", attempts=1,
+                            attempt_started="orch-1-1", ray_submission_id="orch-1-1")
+    assert store.transition(job.id, JobState.RUNNING, "started")
+    assert store.transition(job.id, JobState.QUEUED, "retry",
+                            attempt_ended=("retried", "worker process died"))
+    assert store.transition(job.id, JobState.PENDING, "admitted", attempts=2,
+                            attempt_started="orch-1-2")
+    assert store.transition(job.id, JobState.RUNNING, "started")
+    assert store.transition(job.id, JobState.SUCCEEDED, "done", attempt_ended=("succeeded", None))
+    rows = store.attempts(job.id)
+    assert [(a.attempt, a.ray_submission_id, a.outcome, a.cause) for a in rows] == [
+        (1, "orch-1-1", "retried", "worker process died"), (2, "orch-1-2", "succeeded", None)]
+    assert all(a.ended_at and a.ended_at >= a.started_at for a in rows)
+    # A refused transition opens no attempt.
+    assert not store.transition(job.id, JobState.PENDING, "x", attempts=3, attempt_started="z")
+    assert len(store.attempts(job.id)) == 2
