@@ -1,0 +1,174 @@
+"""Recovery with real processes killed by signals: the worker, the control plane, Ray.
+
+Runs last among the acceptance tests (the Ray-loss test kills the session's cluster and
+starts it again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import FAKE_CPUS, FAKE_GPUS, run_orch
+
+pytestmark = pytest.mark.ray
+
+CLM = "jobs/gpt2_clm.yaml"
+# Small, deterministic (CPU, fixed threads, dropout off in the tiny model), a loss every step.
+RESUMABLE = ["--set", "training.max_steps=120", "--set", "training.save_steps=20",
+             "--set", "training.eval_steps=20", "--set", "training.logging_steps=1",
+             "--set", "training.seed=7", "--set", "retries=1", "-q"]
+
+
+def submit(env: dict[str, str], *args: str) -> int:
+    return int(run_orch(env, "submit", *args, check=True).stdout)
+
+
+def wait_until(predicate, timeout: float, what: str, every: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def worker_pid(store, job_id: int) -> int:  # type: ignore[no-untyped-def]
+    reason = next(e.reason for e in reversed(store.events(job_id)) if e.to_state == "running")
+    match = re.search(r"\(pid (\d+)\)", reason)
+    assert match, reason
+    return int(match.group(1))
+
+
+def state_of(store, job_id: int) -> str:  # type: ignore[no-untyped-def]
+    return store.get_job(job_id).state
+
+
+def losses(store, job_id: int, attempt: int | None = None) -> dict[int, float]:  # type: ignore[no-untyped-def]
+    return {m.step: m.value for m in store.metrics(job_id, name="train_loss")
+            if attempt is None or m.attempt == attempt}
+
+
+def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    reference = submit(orch_env, CLM, *RESUMABLE)
+    victim = submit(orch_env, CLM, *RESUMABLE)
+    # Kill the victim's worker process once its first checkpoint is registered.
+    wait_until(lambda: state_of(orch_store, victim) == "running" and orch_store.checkpoints(victim),
+               240, "the first checkpoint")
+    killed_at = max(losses(orch_store, victim), default=0)
+    os.kill(worker_pid(orch_store, victim), signal.SIGKILL)
+
+    for job in (reference, victim):
+        wait_until(lambda job=job: state_of(orch_store, job) in ("succeeded", "failed"), 300,
+                   f"job {job} to finish")
+        assert state_of(orch_store, job) == "succeeded", orch_store.get_job(job).error
+
+    attempts = orch_store.attempts(victim)
+    assert [a.outcome for a in attempts] == ["retried", "succeeded"]
+    assert "the Ray job failed" in attempts[0].cause and "worker process died" in attempts[0].cause
+    resumed = next(e.reason for e in reversed(orch_store.events(victim)) if e.to_state == "running")
+    resume_step = int(re.search(r"resuming from step (\d+)", resumed).group(1))
+    assert 20 <= resume_step < 120, (resume_step, killed_at)
+
+    # Same final step; every loss after the resume point equals the uninterrupted run's.
+    ref, after = losses(orch_store, reference), losses(orch_store, victim, attempt=2)
+    assert max(ref) == max(after) == 120
+    assert min(after) == resume_step + 1
+    worst = max(abs(ref[s] - after[s]) for s in after)
+    print(f"resume equivalence: resumed at step {resume_step}, max |loss diff| {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_cancelled_job_resumes_as_a_new_job(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    old = submit(orch_env, CLM, *RESUMABLE)
+    wait_until(lambda: orch_store.checkpoints(old), 240, "the first checkpoint")
+    run_orch(orch_env, "cancel", str(old), check=True)
+    step = max(c.step for c in orch_store.checkpoints(old))
+
+    proc = run_orch(orch_env, "resume", str(old), "--wait", timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    new = int(proc.stdout.split()[2])
+    job = orch_store.get_job(new)
+    assert job.state == "succeeded" and job.parent_job_id == old
+    assert job.resume_from.endswith(f"checkpoint-{step}")
+    assert orch_store.get_job(old).state == "cancelled"  # terminal states never change
+    assert min(losses(orch_store, new)) == step + 1 and max(losses(orch_store, new)) == 120
+    again = run_orch(orch_env, "resume", str(new))
+    assert again.returncode == 1 and "only failed or cancelled jobs can be resumed" in again.stderr
+
+
+def test_control_plane_killed_and_restarted(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    for downtime in (0, 20):
+        long = submit(orch_env, CLM, "--set", "training.max_steps=250", "--set",
+                      f"resources.gpus={FAKE_GPUS}", "-q")
+        waiting = submit(orch_env, CLM, "--set", "training.max_steps=20", "--set",
+                         f"resources.gpus={FAKE_GPUS}", "-q")
+        wait_until(lambda long=long: state_of(orch_store, long) == "running", 120, "running")
+        before = json.loads(run_orch(orch_env, "list", "-o", "json", check=True).stdout)
+
+        pid = int(Path(orch_env["ORCH_HOME"], "server.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid) or
+                   psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10, "the server to die")
+        time.sleep(downtime)
+        started = time.monotonic()
+        after = json.loads(run_orch(orch_env, "list", "-o", "json", check=True).stdout)
+        print(f"downtime {downtime}s: control plane back and answering in "
+              f"{time.monotonic() - started:.1f}s")
+        assert [j["id"] for j in after] == [j["id"] for j in before]
+
+        for job in (long, waiting):
+            wait_until(lambda job=job: state_of(orch_store, job) in ("succeeded", "failed"), 300,
+                       f"job {job} to finish")
+            assert state_of(orch_store, job) == "succeeded", orch_store.get_job(job).error
+            # Found again, never run twice: one attempt each, one Ray job each.
+            assert [a.outcome for a in orch_store.attempts(job)] == ["succeeded"]
+            states = [e.to_state for e in orch_store.events(job)]
+            assert states == ["queued", "pending", "running", "succeeded"], states
+
+
+def test_ray_cluster_lost_and_back(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    finished = orch_store.list_jobs(states=["succeeded"])[0].id
+    job = submit(orch_env, CLM, "--set", "training.max_steps=300", "--set",
+                 "training.save_steps=20", "--set", "training.eval_steps=20", "--set",
+                 "retries=1", "-q")
+    wait_until(lambda: state_of(orch_store, job) == "running" and orch_store.checkpoints(job),
+               240, "the first checkpoint")
+
+    # Kill every process of the session's Ray cluster (and only that cluster's).
+    port = orch_env["ORCH_RAY_PORT"]
+    doomed = [p for p in psutil.process_iter(["cmdline"])
+              if any(f":{port}" in a or f"={port}" in a for a in (p.info["cmdline"] or []))]
+    assert doomed
+    lost_at = time.monotonic()
+    for proc in doomed:
+        proc.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker_pid(orch_store, job), signal.SIGKILL)
+
+    grace = float(orch_env["ORCH_CLUSTER_LOSS_GRACE"])
+    wait_until(lambda: state_of(orch_store, job) != "running", grace + 30, "the job to leave running")
+    left_after = time.monotonic() - lost_at
+    print(f"Ray cluster lost: job left running after {left_after:.1f}s (grace {grace:.0f}s)")
+    assert state_of(orch_store, job) == "queued"
+
+    # The logs of a finished job are still there without Ray.
+    logs = run_orch(orch_env, "logs", str(finished), check=True).stdout
+    assert f"orch job {finished} attempt 1" in logs
+
+    # The cluster comes back: the job is admitted again and resumes from its checkpoint.
+    run_orch(orch_env, "up", "--num-gpus", str(FAKE_GPUS), "--num-cpus", str(FAKE_CPUS),
+             timeout=240, check=True)
+    wait_until(lambda: state_of(orch_store, job) in ("succeeded", "failed"), 400, "the retry")
+    assert state_of(orch_store, job) == "succeeded", orch_store.get_job(job).error
+    assert [a.outcome for a in orch_store.attempts(job)] == ["retried", "succeeded"]
+    resumed = next(e.reason for e in reversed(orch_store.events(job)) if e.to_state == "running")
+    assert "resuming from step" in resumed
