@@ -18,12 +18,14 @@ from tests.support import FAKE_CPUS, FAKE_GPUS, run_orch
 @pytest.fixture(scope="session")
 def orch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("orch-home")
+    # Two test sessions on one machine (e.g. two checkouts) need ports of their own.
+    offset = int(os.environ.get("ORCH_TEST_PORT_OFFSET", "0"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_"))}
     env.update(
         ORCH_HOME=str(home),
-        ORCH_RAY_PORT="6391",
-        ORCH_RAY_DASHBOARD_PORT="8266",
-        ORCH_SERVER_PORT="8771",
+        ORCH_RAY_PORT=str(6391 + offset),
+        ORCH_RAY_DASHBOARD_PORT=str(8266 + offset),
+        ORCH_SERVER_PORT=str(8771 + offset),
         ORCH_SCHEDULER_INTERVAL="0.3",
         ORCH_CLUSTER_LOSS_GRACE="8",
         ORCH_USER="tester",
