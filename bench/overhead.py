@@ -62,7 +62,8 @@ def main() -> None:
 
     home = tempfile.mkdtemp(prefix="orch-bench-")
     env = {**os.environ, "ORCH_HOME": home, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "ORCH_SERVER_PORT": "8772", "ORCH_RAY_PORT": "6392", "ORCH_RAY_DASHBOARD_PORT": "8267"}
+           "ORCH_SERVER_PORT": "8772", "ORCH_RAY_PORT": "6392", "ORCH_RAY_DASHBOARD_PORT": "8267",
+           "ORCH_RAY_CLIENT_PORT": "10021", "ORCH_RAY_AGENT_PORT": "52385"}
     env.pop("RAY_ADDRESS", None)
     env.pop("ORCH_SERVER_URL", None)
     orch = [sys.executable, "-m", "orchestrator.cli"]

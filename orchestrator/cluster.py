@@ -109,6 +109,9 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
         f"--port={ray_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port()}",
+        # Ray's other fixed ports, settable so that two local clusters can share a machine.
+        f"--ray-client-server-port={os.environ.get('ORCH_RAY_CLIENT_PORT', '10001')}",
+        f"--dashboard-agent-listen-port={os.environ.get('ORCH_RAY_AGENT_PORT', '52365')}",
         "--disable-usage-stats",
     ]
     if num_cpus is not None:
