@@ -276,6 +276,10 @@ def _ray_failure_reason(status: RayStatus, message: str, log_tail: str) -> str:
     elif status == RayStatus.MISSING:
         head = "Ray has no record of the running job (the cluster was restarted or lost)"
     else:
+        # The driver's own last word ("orch: worker process died: ...") says more than
+        # Ray's generic "entrypoint command failed with exit code N".
+        said = [line for line in log_tail.splitlines() if line.startswith("orch: ")]
         first = message.strip().splitlines()[0] if message.strip() else ""
-        head = f"the Ray job failed: {first}" if first else "the Ray job failed"
+        head = (said[-1].removeprefix("orch: ") if said
+                else f"the Ray job failed: {first}" if first else "the Ray job failed")
     return f"{head}\n{log_tail}" if log_tail else head

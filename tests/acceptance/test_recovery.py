@@ -73,7 +73,7 @@ def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> N
 
     attempts = orch_store.attempts(victim)
     assert [a.outcome for a in attempts] == ["retried", "succeeded"]
-    assert "the Ray job failed" in attempts[0].cause and "worker process died" in attempts[0].cause
+    assert attempts[0].cause.startswith("worker process died")
     resumed = next(e.reason for e in reversed(orch_store.events(victim)) if e.to_state == "running")
     resume_step = int(re.search(r"resuming from step (\d+)", resumed).group(1))
     assert 20 <= resume_step < 120, (resume_step, killed_at)

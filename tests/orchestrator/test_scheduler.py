@@ -263,3 +263,14 @@ def test_per_user_gpu_cap_holds_back_only_that_user(store: Store, fake: FakeExec
         "waiting for ann's other jobs: they hold 2 GPUs and the per-user cap is 2")
     assert (sched.never_fits(3, 1) or "").endswith(
         "each user may hold at most 2 at once; lower resources.gpus")
+
+
+def test_the_drivers_own_words_head_the_failure_reason(store: Store, fake: FakeExecutor,
+                                                       sched: Scheduler) -> None:
+    job = add_job(store)
+    sched.tick()
+    fake.logs = lambda submission: "training...\norch: worker process died: SIGKILL"  # type: ignore[method-assign]
+    fake.statuses[submission_id(job, 1)] = RayJobInfo(RayStatus.FAILED, "exit code 3")
+    sched.tick()
+    failed = store.get_job(job)
+    assert failed and (failed.error or "").startswith("worker process died: SIGKILL\n")
