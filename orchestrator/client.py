@@ -42,38 +42,60 @@ def server_log() -> Path:
     return orch_home() / "server.log"
 
 
-def _healthy(url: str) -> bool:
+def _health(url: str, timeout: float = 2) -> str:
+    """"up", "down" (nothing listens) or "busy" (something listens but is slow)."""
     try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        ok = httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.ConnectError:
+        return "down"
     except httpx.HTTPError:
-        return False
+        return "busy"
+    return "up" if ok else "busy"
+
+
+def _server_pid() -> int | None:
+    """The pid in the pid file, if that process is alive."""
+    try:
+        pid = int(_pid_file().read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists() and b"orchestrator.cli" not in cmdline.read_bytes():
+        return None  # the pid was reused by another program
+    return pid
 
 
 def start_local_server(timeout: float = 120) -> str:
-    """Start the local control plane (and through it the local Ray cluster) if needed."""
+    """Start the local control plane (and through it the local Ray cluster) if needed.
+
+    Only a port nobody listens on, with no live server process on record, means "no
+    server": a slow server (busy, or still starting) is waited for, never duplicated.
+    """
     url = local_url()
-    if _healthy(url):
+    if _health(url) == "up":
         return url
     home = orch_home()
     home.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
     # One starter at a time: many CLIs racing on a cold machine start one server.
     with (home / "server.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _healthy(url):
-            return url
-        with server_log().open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "server",
-                 "--host", "127.0.0.1", "--port", str(local_port())],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives this CLI and its terminal
-            )
-        _pid_file().write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
+        proc = None
+        if _health(url) == "down" and _server_pid() is None:
+            with server_log().open("ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "orchestrator.cli", "server",
+                     "--host", "127.0.0.1", "--port", str(local_port())],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives this CLI and its terminal
+                )
+            _pid_file().write_text(str(proc.pid))
         while time.monotonic() < deadline:
-            if _healthy(url):
+            if _health(url) == "up":
                 return url
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
+                _pid_file().unlink(missing_ok=True)
                 tail = server_log().read_text(errors="replace")[-1200:]
                 raise OrchError(f"the local orch server exited while starting; log {server_log()}:\n{tail}")
             time.sleep(0.2)

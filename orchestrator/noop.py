@@ -32,7 +32,7 @@ class NoopExecutor:
                               expected=[JobState.PENDING])
         if self.finish:
             self.store.transition(job_id, JobState.SUCCEEDED, "no-op executor: done",
-                                  expected=[JobState.RUNNING])
+                                  expected=[JobState.RUNNING], attempt_ended=("succeeded", None))
         return submission_id(job_id, attempt)
 
     def info(self, submission: str) -> RayJobInfo:

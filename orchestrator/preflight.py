@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,24 @@ def _model_kind_problem(spec: JobSpec, config: Any) -> str | None:
     return None
 
 
+# transformers' lazy module is not thread-safe on first use: concurrent first imports from
+# the server's request threads fail with ImportError. The checks are CPU-bound under the
+# GIL anyway, so serialising them costs nothing.
+_TRANSFORMERS_LOCK = threading.Lock()
+
+
+def warm_up() -> None:
+    """Import what the checks need once, up front (the server calls this at start)."""
+    with _TRANSFORMERS_LOCK:
+        from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+
 def check_model_and_tokenizer(spec: JobSpec) -> list[str]:
+    with _TRANSFORMERS_LOCK:
+        return _check_model_and_tokenizer(spec)
+
+
+def _check_model_and_tokenizer(spec: JobSpec) -> list[str]:
     from transformers import AutoConfig, AutoTokenizer
 
     problems: list[str] = []

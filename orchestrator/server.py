@@ -26,7 +26,7 @@ from orchestrator.cluster import Capacity
 from orchestrator.config import executor_kind
 from orchestrator.executor import Executor, RayJobsExecutor, read_job_logs
 from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric
-from orchestrator.preflight import preflight
+from orchestrator.preflight import preflight, warm_up
 from orchestrator.scheduler import Scheduler
 from orchestrator.spec import SpecError, spec_from_dict
 from orchestrator.states import JobState
@@ -145,6 +145,8 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> Iterator[None]:  # type: ignore[misc]
         app.state.plane = plane or default_control_plane()
         app.state.plane.start()
+        # The first submit should not pay for importing transformers.
+        threading.Thread(target=warm_up, name="orch-warm-up", daemon=True).start()
         yield
         app.state.plane.stop()
 
