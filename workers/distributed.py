@@ -65,6 +65,12 @@ def train_worker(config: dict[str, Any]) -> None:
     from workers.reporting import StoreReporter
     from workers.training import run_training
 
+    import torch
+
+    if not torch.cuda.is_available():
+        # Ray Train names the device from the GPUs Ray assigned (cuda:N); fake GPUs on a CPU
+        # machine have no CUDA behind them, and accelerate would follow that name.
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     job_id, attempt = int(config["job_id"]), int(config["attempt"])
     store = Store()
     job = store.get_job(job_id)
