@@ -56,6 +56,7 @@ def _placement() -> list[dict[str, Any]]:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker loop Ray Train runs on every rank."""
+    import torch
     import torch.distributed as dist
 
     from orchestrator.spec import spec_from_dict
@@ -64,8 +65,6 @@ def train_worker(config: dict[str, Any]) -> None:
     from workers.driver import resume_point
     from workers.reporting import StoreReporter
     from workers.training import run_training
-
-    import torch
 
     if not torch.cuda.is_available():
         # Ray Train names the device from the GPUs Ray assigned (cuda:N); fake GPUs on a CPU
