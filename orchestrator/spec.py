@@ -264,6 +264,12 @@ class JobSpec(_Section):
                 f"dataset.target_column: only for seq2seq; {self.objective.value} learns "
                 "from text_column alone, remove it"
             )
+        if self.training.strategy == "fsdp" and self.resources.gpus < 2:
+            # accelerate's FSDP needs GPUs: on CPU workers it silently trains DDP instead.
+            problems.append(
+                "training.strategy: fsdp shards the model across GPU workers and needs "
+                f"resources.gpus of 2 or more (got {self.resources.gpus}); use ddp"
+            )
         p = self.training.mlm_probability
         if p is not None and not 0 < p < 1:
             problems.append(f"training.mlm_probability: must be between 0 and 1 (got {p})")

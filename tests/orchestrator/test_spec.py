@@ -150,10 +150,12 @@ def test_data_parallel_resources() -> None:
     assert single.resources.num_workers == 1 and not single.resources.distributed
     gpus = build_spec(BASE, ["resources.gpus=4", "resources.cpus=3"])
     assert gpus.resources.workers == 4 and gpus.resources.total_cpus == 12
-    cpu = build_spec(BASE, ["resources.workers=2", "resources.placement=spread",
-                            "training.strategy=fsdp"])
+    cpu = build_spec(BASE, ["resources.workers=2", "resources.placement=spread"])
     assert cpu.resources.distributed and cpu.resources.gpus == 0
-    assert cpu.resources.placement == "spread" and cpu.training.strategy == "fsdp"
+    assert cpu.resources.placement == "spread" and cpu.training.strategy == "ddp"
+    assert build_spec(BASE, ["resources.gpus=2", "training.strategy=fsdp"]).training.strategy == "fsdp"
+    assert "training.strategy: fsdp shards the model across GPU workers" in problems_of(
+        BASE, ("resources.workers=2", "training.strategy=fsdp"))
     assert "resources.workers: with gpus > 0 each worker holds one GPU" in problems_of(
         BASE, ("resources.gpus=2", "resources.workers=3"))
     assert "resources.placement: must be one of" in problems_of(BASE, ("resources.placement=x",))
