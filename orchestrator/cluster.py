@@ -12,6 +12,7 @@ The Ray port defaults to 6390, not Ray's 6379, which is Redis's port and often t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -41,6 +42,13 @@ def ray_port() -> int:
 
 def dashboard_port() -> int:
     return int(os.environ.get("ORCH_RAY_DASHBOARD_PORT", "8265"))
+
+
+def gcs_address() -> str:
+    """The local cluster's GCS address, as a driver on this machine joins it."""
+    from ray.util import get_node_ip_address
+
+    return f"{get_node_ip_address()}:{ray_port()}"
 
 
 def token_path() -> Path:
@@ -131,10 +139,43 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
     return tgt
 
 
-def stop_local() -> None:
+def stop_local(timeout: float = 15.0) -> None:
+    """Stop the local cluster on our port, and only it.
+
+    Not `ray stop`: that kills every Ray process of the machine, including other users' and
+    other test sessions' clusters. Ours are the processes that name our GCS port or our
+    session directory (read from our GCS server's command line); the workers die with their
+    raylet.
+    """
+    import psutil
+
     if not target().local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not stop it")
-    subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, check=False)
+    port = ray_port()
+    # An argument ending in our port: --gcs_server_port=6390, --gcs-address=10.0.0.1:6390.
+    marks = (f"={port}\0", f":{port}\0")
+    procs: list[psutil.Process] = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = "\0".join(proc.info["cmdline"] or []) + "\0"
+        if proc.pid != os.getpid() and any(mark in line for mark in marks):
+            procs.append(proc)
+    sessions = set()
+    for proc in procs:
+        for arg in proc.info["cmdline"] or []:
+            if "/session_" in arg:
+                sessions.add(arg[arg.index("/session_"):].split("/")[1])
+    if sessions:
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if proc not in procs and any(f"/{s}/" in line or line.endswith(f"/{s}") for s in sessions):
+                procs.append(proc)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def _env_int(name: str) -> int | None:
@@ -147,6 +188,9 @@ class Capacity:
     gpus: int
     cpus: int
     nodes: int
+    # The largest single node (0: unknown): more workers than it holds means a multi-node job.
+    node_gpus: int = 0
+    node_cpus: int = 0
 
 
 def capacity(jobs_url: str | None = None) -> Capacity:
@@ -163,4 +207,6 @@ def capacity(jobs_url: str | None = None) -> Capacity:
         gpus=int(sum(n.resources_total.get("GPU", 0) for n in alive)),
         cpus=int(sum(n.resources_total.get("CPU", 0) for n in alive)),
         nodes=len(alive),
+        node_gpus=int(max((n.resources_total.get("GPU", 0) for n in alive), default=0)),
+        node_cpus=int(max((n.resources_total.get("CPU", 0) for n in alive), default=0)),
     )

@@ -91,6 +91,10 @@ class RayJobsExecutor:
             "PYTHONUNBUFFERED": "1",
         }
         env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+        if cluster.target().local:
+            # Ray points a job's driver at the cluster named in /tmp/ray/ray_current_cluster:
+            # the most recently started one on the machine, not necessarily ours. Name ours.
+            env["ORCH_RAY_GCS_ADDRESS"] = cluster.gcs_address()
         self.client.submit_job(
             entrypoint=(f"{self.python} -m workers.driver --job-id {job_id} --attempt {attempt}"
                         f" --gpus {gpus} --cpus {cpus}"

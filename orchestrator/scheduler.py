@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from orchestrator.cluster import Capacity
 from orchestrator.executor import Executor, RayStatus, attempt_log, submission_id
 from orchestrator.models import Job
+from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE_STATES, JobState
 from orchestrator.store import Store
 
@@ -82,6 +83,28 @@ class Scheduler:
                 f"{self.capacity.cpus}; lower resources.cpus"
             )
         return None
+
+    def multi_node_problem(self, spec: JobSpec) -> str | None:
+        """Why a data-parallel job cannot run as given: it spans nodes (placement spread, or
+        more than one node holds) but its artifacts would go to node-local storage that the
+        other nodes' workers cannot write to or resume from."""
+        res = spec.resources
+        if not res.distributed or spec.checkpoints.storage:
+            return None
+        per_gpu, cpus = (1 if res.gpus else 0), res.cpus
+        cap = self.capacity
+        too_big = bool(cap.node_cpus and res.num_workers * cpus > cap.node_cpus) or bool(
+            per_gpu and cap.node_gpus and res.num_workers > cap.node_gpus)
+        if res.placement == "spread" and cap.nodes > 1:
+            why = "resources.placement: spread puts workers on several nodes"
+        elif too_big:
+            why = (f"resources: {res.num_workers} workers need more than the largest node "
+                   f"holds ({cap.node_gpus} GPUs, {cap.node_cpus} CPUs), so they span nodes")
+        else:
+            return None
+        return (f"checkpoints.storage: {why}, but the job's checkpoints would go to the "
+                "control plane's node-local $ORCH_HOME; set checkpoints.storage to a "
+                "shared-filesystem path mounted at the same place on every node")
 
     def _owner_gpus(self) -> Counter[str]:
         held: Counter[str] = Counter()

@@ -28,7 +28,7 @@ from orchestrator.executor import Executor, RayJobsExecutor, read_job_logs
 from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric
 from orchestrator.preflight import preflight, warm_up
 from orchestrator.scheduler import Scheduler
-from orchestrator.spec import SpecError, spec_from_dict
+from orchestrator.spec import JobSpec, SpecError, spec_from_dict
 from orchestrator.states import JobState
 from orchestrator.store import Store
 
@@ -188,14 +188,19 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         plane = cp(request)
         spec = spec_from_dict(body.spec)
         problems = preflight(spec)
-        if reason := plane.scheduler.never_fits(spec.resources.gpus, spec.resources.cpus):
+        # The store's gpus/cpus are the whole job's (every worker's), which admission counts.
+        gpus, cpus = spec.resources.gpus, spec.resources.total_cpus
+        if reason := plane.scheduler.never_fits(gpus, cpus):
+            problems.append(reason)
+        if reason := plane.scheduler.multi_node_problem(spec):
             problems.append(reason)
         if problems:
             raise SpecError(problems)
         job = plane.store.create_job(
             name=spec.name, objective=spec.objective.value, owner=x_orch_user or "anonymous",
-            spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=spec.resources.gpus,
-            cpus=spec.resources.cpus, priority=spec.priority, max_attempts=spec.retries + 1,
+            spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=gpus, cpus=cpus,
+            priority=spec.priority, max_attempts=spec.retries + 1,
+            artifact_root=_artifact_root(spec),
         )
         plane.wake()
         return job_json(job)
@@ -259,6 +264,7 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
             name=old.name, objective=old.objective, owner=user, spec=old.spec,
             spec_yaml=old.spec_yaml, gpus=old.gpus, cpus=old.cpus, priority=old.priority,
             max_attempts=old.max_attempts, parent_job_id=job_id, resume_from=latest.path,
+            artifact_root=_artifact_root(spec_from_dict(old.spec)),
             reason=f"submitted by {user}: resume of job {job_id} from step {latest.step}",
         )
         plane.wake()
@@ -296,6 +302,11 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
                                                       "problems": exc.problems})
 
     return app
+
+
+def _artifact_root(spec: JobSpec) -> Path | None:
+    storage = spec.checkpoints.storage
+    return Path(storage) if storage else None
 
 
 def serve(host: str, port: int) -> None:

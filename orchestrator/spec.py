@@ -90,10 +90,40 @@ class DatasetSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    # GPUs held by the job's worker actor; 0 trains on CPU.
+    # GPUs of the whole job; 0 trains on CPU. gpus > 1 trains data-parallel: one Ray Train
+    # worker per GPU.
     gpus: StrictInt = Field(default=0, ge=0)
-    # CPUs held by the job's worker actor.
+    # CPUs per worker (with one worker, the job's CPUs).
     cpus: StrictInt = Field(default=1, ge=1)
+    # Data-parallel workers. Default: gpus (one per GPU), or 1 on CPU. With gpus > 0 it must
+    # equal gpus: each worker holds exactly one GPU.
+    workers: StrictInt | None = Field(default=None, ge=1)
+    # pack: as few nodes as possible; spread: one worker per node where possible.
+    placement: Literal["pack", "spread"] = "pack"
+
+    @model_validator(mode="after")
+    def _workers(self) -> ResourcesSpec:
+        if self.gpus and self.workers is not None and self.workers != self.gpus:
+            raise _Problems([
+                f"resources.workers: with gpus > 0 each worker holds one GPU, so workers must "
+                f"equal gpus ({self.gpus}) or be left out (got {self.workers})"
+            ])
+        if self.workers is None:
+            self.workers = self.gpus or 1
+        return self
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers or self.gpus or 1
+
+    @property
+    def total_cpus(self) -> int:
+        """CPUs the whole job holds: what admission counts."""
+        return self.cpus * self.num_workers
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_workers > 1
 
 
 class Precision(str, Enum):
@@ -122,6 +152,9 @@ class TrainingSpec(_Section):
     seed: StrictInt = 42
     precision: Precision = Precision.FP32
     dataloader_workers: StrictInt = Field(default=0, ge=0)
+    # Data parallelism with more than one worker: ddp replicates the model on every worker;
+    # fsdp shards parameters, gradients and optimizer state (models that don't fit one GPU).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     # clm only: concatenate texts and cut them into max_length blocks (run_clm style).
     packing: StrictBool | None = None
@@ -152,6 +185,21 @@ class CheckpointsSpec(_Section):
     best_metric: str = "eval_loss"
     # min or max; by default min for losses/perplexity, max for everything else.
     best_mode: Literal["min", "max"] | None = None
+    # Directory for the job's artifacts (checkpoints, final model, logs), as <storage>/<job
+    # id>. Null: $ORCH_ARTIFACT_ROOT, else $ORCH_HOME/jobs on the control plane's node, which
+    # only that node can reach. A multi-node job needs a shared-filesystem path mounted at
+    # the same place on every node.
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"a directory path on a shared filesystem, not a URL (got {value!r}); "
+                "mount the bucket (e.g. s3fs, gcsfuse) and give the mount path"
+            )
+        return value
 
     @model_validator(mode="after")
     def _default_mode(self) -> CheckpointsSpec:
@@ -215,6 +263,12 @@ class JobSpec(_Section):
             problems.append(
                 f"dataset.target_column: only for seq2seq; {self.objective.value} learns "
                 "from text_column alone, remove it"
+            )
+        if self.training.strategy == "fsdp" and self.resources.gpus < 2:
+            # accelerate's FSDP needs GPUs: on CPU workers it silently trains DDP instead.
+            problems.append(
+                "training.strategy: fsdp shards the model across GPU workers and needs "
+                f"resources.gpus of 2 or more (got {self.resources.gpus}); use ddp"
             )
         p = self.training.mlm_probability
         if p is not None and not 0 < p < 1:
@@ -435,4 +489,7 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
             ds[key] = [str((base_dir / Path(f).expanduser()).resolve()) for f in ds[key]]
     if ds.get("name"):
         ds["name"] = _local_path(ds["name"], base_dir)
+    storage = data["checkpoints"].get("storage")
+    if storage:
+        data["checkpoints"]["storage"] = str((base_dir / Path(storage).expanduser()).resolve())
     return JobSpec.model_validate(data)

@@ -28,7 +28,7 @@ from sqlmodel import col
 
 from orchestrator.config import database_url, orch_home
 from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric, utcnow
-from orchestrator.states import JobState, can_transition
+from orchestrator.states import ACTIVE_STATES, JobState, can_transition
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 _MIGRATION_LOCK_KEY = 0x6F726368  # pg_advisory lock id: "orch" in ASCII
@@ -345,6 +345,18 @@ class Store:
                     .values(ended_at=now, outcome=attempt_ended[0], cause=attempt_ended[1])
                     .execution_options(synchronize_session=False)
                 )
+        return True
+
+    def add_event(self, job_id: int, reason: str) -> bool:
+        """A note in the job's history without a state change (e.g. a restarted worker
+        group). Only for active jobs; False, writing nothing, when the job is not active."""
+        with self._writing() as session:
+            row = self._read_state(session, job_id)
+            if row is None or row[0] not in ACTIVE_STATES:
+                return False
+            state = row[0].value
+            session.add(JobEvent(job_id=job_id, from_state=state, to_state=state, reason=reason,
+                                 at=utcnow()))
         return True
 
     def attempts(self, job_id: int) -> list[Attempt]:

@@ -26,7 +26,8 @@ def orch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         ORCH_RAY_PORT=str(6391 + offset),
         ORCH_RAY_DASHBOARD_PORT=str(8266 + offset),
         ORCH_SERVER_PORT=str(8771 + offset),
-        ORCH_RAY_CLIENT_PORT=str(10011 + offset),
+        # Below Ray's worker port range (10002-19999), which the client port must not fall in.
+        ORCH_RAY_CLIENT_PORT=str(9011 + offset),
         ORCH_RAY_AGENT_PORT=str(52375 + offset),
         ORCH_SCHEDULER_INTERVAL="0.3",
         ORCH_CLUSTER_LOSS_GRACE="8",

@@ -127,8 +127,31 @@ class TrainingWorker:
         return "succeeded"
 
 
+def _is_distributed(job_id: int) -> bool:
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.store import Store
+
+    store = Store()
+    try:
+        job = store.get_job(job_id)
+        return job is not None and spec_from_dict(job.spec).resources.distributed
+    finally:
+        store.close()
+
+
 def run(job_id: int, attempt: int, gpus: int, cpus: int) -> int:
-    ray.init()  # inside a Ray Job this joins the job's cluster
+    # Inside a Ray Job this joins the job's cluster; for a local cluster orch names it, as
+    # several local clusters may share the machine (ORCH_RAY_GCS_ADDRESS, from the executor).
+    ray.init(address=os.environ.get("ORCH_RAY_GCS_ADDRESS") or None)
+    if _is_distributed(job_id):
+        # More than one worker: Ray Train's worker group (workers.distributed). One worker
+        # keeps the plain actor below, which starts faster.
+        from workers.distributed import run_distributed
+
+        try:
+            return run_distributed(job_id, attempt)
+        finally:
+            ray.shutdown()
     worker = TrainingWorker.options(
         num_gpus=gpus, num_cpus=cpus, name=f"orch-{job_id}-{attempt}",
     ).remote(job_id, attempt)

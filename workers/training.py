@@ -17,6 +17,7 @@ killed mid-save never leaves a `checkpoint-N` directory behind that looks comple
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,27 +56,81 @@ class AtomicCheckpoints:
     The Trainer writes weights, optimizer, scheduler, RNG state and trainer_state.json one
     after another straight into checkpoint-N; a kill in between would leave a partial
     checkpoint under its final name. The rename is atomic on POSIX filesystems.
+
+    With several data-parallel workers every rank writes into the same staging dir (rank 0
+    the weights and optimizer, each rank its own RNG state), so the directory is cleared
+    before anyone writes and renamed by rank 0 alone, after a barrier: once, complete.
     """
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
         staging_root = run_dir / STAGING_DIR
-        shutil.rmtree(staging_root / name, ignore_errors=True)
+        leader = rank() == 0
+        if leader:
+            shutil.rmtree(staging_root / name, ignore_errors=True)
+        barrier()  # nobody writes into a directory rank 0 is still clearing
         # The Trainer derives the checkpoint path from _get_output_dir: point it at staging.
         self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             del self._get_output_dir
+        barrier()  # every rank's files are written
         final = run_dir / name
-        if final.exists():  # left by an attempt that died after writing it, never registered
-            shutil.rmtree(final)
-        os.replace(staging_root / name, final)
+        if leader:
+            if final.exists():  # left by an attempt that died after writing it, never registered
+                shutil.rmtree(final)
+            os.replace(staging_root / name, final)
+            with contextlib.suppress(OSError):  # only when empty: nothing else in flight
+                staging_root.rmdir()
+        barrier()  # the rename is visible before any rank goes on (and on_save registers it)
+
+
+def rank() -> int:
+    """This process's rank in the data-parallel group; 0 when training alone."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every data-parallel worker; nothing to wait for when training alone."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class RecordSamples:
+    """Trainer mixin, a test hook: append a fingerprint of every training example this rank
+    trains on to `<dir>/rank-<rank>.txt` (dir from ORCH_RECORD_SAMPLES). The fingerprint is
+    the example's token ids without padding, as the dataset holds them, so tests can check
+    that the ranks saw disjoint samples covering the epoch."""
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        ids = inputs["input_ids"]
+        labels = inputs.get("labels")
+        if labels is not None and labels.shape == ids.shape and self._orch_unmask:  # type: ignore[attr-defined]
+            ids = torch.where(labels != -100, labels, ids)  # mlm: undo the masking
+        mask = inputs.get("attention_mask")
+        lines = []
+        for row in range(ids.shape[0]):
+            tokens = ids[row][mask[row].bool()] if mask is not None else ids[row]
+            lines.append(sample_fingerprint(tokens.tolist()))
+        out = Path(os.environ["ORCH_RECORD_SAMPLES"]) / f"rank-{rank()}.txt"
+        with out.open("a") as f:
+            f.write("".join(f"{line}\n" for line in lines))
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+
+def sample_fingerprint(token_ids: Sequence[int]) -> str:
+    return ",".join(str(t) for t in token_ids)
 
 
 def with_atomic_checkpoints(trainer_class: type[Trainer]) -> type[Trainer]:
-    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
+    bases: tuple[type, ...] = (AtomicCheckpoints, trainer_class)
+    if os.environ.get("ORCH_RECORD_SAMPLES"):
+        bases = (RecordSamples, *bases)
+    return type(f"Atomic{trainer_class.__name__}", bases, {})
 
 
 def configure_threads(spec: JobSpec) -> int:
@@ -133,12 +188,18 @@ def build_arguments(
         "report_to": [],
         "seed": t.seed,
         "dataloader_num_workers": t.dataloader_workers,
-        "use_cpu": spec.resources.gpus == 0,
+        # Fake GPUs (a CPU machine declaring GPU capacity to Ray) train on the CPU too.
+        "use_cpu": spec.resources.gpus == 0 or not torch.cuda.is_available(),
         # Progress goes to orch through callbacks; tqdm bars would only clutter worker logs.
         "disable_tqdm": True,
         **precision_args(spec),
         **objective.extra_args(spec),
     }
+    if spec.resources.distributed and t.strategy == "fsdp":
+        # Through accelerate's FSDP plugin: parameters, gradients and optimizer state sharded
+        # across the workers, each transformer block wrapped on its own.
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
     if t.max_steps is not None:
         kwargs["max_steps"] = t.max_steps
     else:
@@ -239,6 +300,11 @@ def run_training(
             *callbacks,
         ],
     )
+    trainer._orch_unmask = spec.objective == Objective.MLM  # type: ignore[attr-defined]
+    if os.environ.get("ORCH_RECORD_SAMPLES") and rank() == 0:
+        # The whole epoch's examples, for the test to compare the ranks' union against.
+        out = Path(os.environ["ORCH_RECORD_SAMPLES"]) / "all.txt"
+        out.write_text("".join(f"{sample_fingerprint(ids)}\n" for ids in train_ds["input_ids"]))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     final_metrics: dict[str, float] = {}
@@ -254,6 +320,7 @@ def run_training(
 
     final_dir = output_dir / FINAL_DIR
     trainer.save_model(str(final_dir))  # model (safetensors) + tokenizer + generation config
+    barrier()  # with FSDP every rank takes part; the directory is complete after this
     log.info("job %s: trained %d steps in %.1fs; final model at %s; %s", spec.name,
              trainer.state.global_step, time.monotonic() - started, final_dir, final_metrics)
     return final_metrics

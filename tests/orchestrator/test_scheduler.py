@@ -274,3 +274,24 @@ def test_the_drivers_own_words_head_the_failure_reason(store: Store, fake: FakeE
     sched.tick()
     failed = store.get_job(job)
     assert failed and (failed.error or "").startswith("worker process died: SIGKILL\n")
+
+
+def test_multi_node_job_with_node_local_storage_is_refused(store: Store, fake: FakeExecutor) -> None:
+    from orchestrator.spec import build_spec
+
+    base = {"name": "d", "objective": "clm", "model": "m",
+            "dataset": {"train_files": ["t.jsonl"]}}
+    two_nodes = Scheduler(store, fake, Capacity(gpus=4, cpus=16, nodes=2, node_gpus=2,
+                                                node_cpus=8))
+    packed = build_spec(base, ["resources.gpus=2"])
+    assert two_nodes.multi_node_problem(packed) is None  # fits one node
+    spread = build_spec(base, ["resources.gpus=2", "resources.placement=spread"])
+    assert "checkpoints.storage: resources.placement: spread" in two_nodes.multi_node_problem(spread)
+    big = build_spec(base, ["resources.gpus=4"])
+    assert "checkpoints.storage: resources: 4 workers need more than" in \
+        two_nodes.multi_node_problem(big)
+    shared = build_spec(base, ["resources.gpus=4", "checkpoints.storage=/mnt/shared"])
+    assert two_nodes.multi_node_problem(shared) is None
+    one_node = Scheduler(store, fake, Capacity(gpus=4, cpus=16, nodes=1, node_gpus=4,
+                                               node_cpus=16))
+    assert one_node.multi_node_problem(spread) is None  # spread over one node is one node

@@ -143,3 +143,27 @@ def test_missing_spec_file_is_a_spec_error(tmp_path: Path) -> None:
 def test_to_dict_round_trips() -> None:
     spec = build_spec(BASE)
     assert JobSpec.model_validate(spec.to_dict()) == spec
+
+
+def test_data_parallel_resources() -> None:
+    single = build_spec(BASE)
+    assert single.resources.num_workers == 1 and not single.resources.distributed
+    gpus = build_spec(BASE, ["resources.gpus=4", "resources.cpus=3"])
+    assert gpus.resources.workers == 4 and gpus.resources.total_cpus == 12
+    cpu = build_spec(BASE, ["resources.workers=2", "resources.placement=spread"])
+    assert cpu.resources.distributed and cpu.resources.gpus == 0
+    assert cpu.resources.placement == "spread" and cpu.training.strategy == "ddp"
+    assert build_spec(BASE, ["resources.gpus=2", "training.strategy=fsdp"]).training.strategy == "fsdp"
+    assert "training.strategy: fsdp shards the model across GPU workers" in problems_of(
+        BASE, ("resources.workers=2", "training.strategy=fsdp"))
+    assert "resources.workers: with gpus > 0 each worker holds one GPU" in problems_of(
+        BASE, ("resources.gpus=2", "resources.workers=3"))
+    assert "resources.placement: must be one of" in problems_of(BASE, ("resources.placement=x",))
+    assert "training.strategy: must be one of" in problems_of(BASE, ("training.strategy=zero3",))
+
+
+def test_checkpoint_storage_is_a_path_resolved_against_the_spec(tmp_path: Path) -> None:
+    spec = build_spec(BASE, ["checkpoints.storage=shared/runs"], base_dir=tmp_path)
+    assert spec.checkpoints.storage == str(tmp_path / "shared" / "runs")
+    assert "checkpoints.storage: a directory path on a shared filesystem, not a URL" in \
+        problems_of(BASE, ("checkpoints.storage=s3://bucket/runs",))

@@ -1,0 +1,138 @@
+"""Data-parallel jobs on CPU through Ray Train: 2 workers (gloo) per job.
+
+- every objective through the CLI, with one voice: one metric row per step, one
+  registration per checkpoint, every rank's RNG state inside it;
+- a killed worker: Ray Train restarts the group, which resumes from the latest checkpoint;
+- a 2-node cluster (ray.cluster_utils.Cluster, fake GPUs): workers on both nodes, each rank
+  trains on distinct samples and together they cover the epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, run_orch
+
+pytestmark = pytest.mark.ray
+
+SPECS = {"clm": "jobs/gpt2_clm.yaml", "mlm": "jobs/bert_mlm.yaml", "seq2seq": "jobs/t5_summarize.yaml"}
+# Tiny: 2 workers x 1 CPU, batches of 2, 4 steps, a checkpoint and an evaluation every 2.
+TWO_WORKERS = ["--set", "resources.workers=2", "--set", "resources.cpus=1",
+               "--set", "training.batch_size=2", "--set", "training.max_steps=4",
+               "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+               "--set", "training.logging_steps=1", "--set", "dataset.max_eval_samples=8"]
+
+
+def submit(env: dict[str, str], *args: str) -> int:
+    return int(run_orch(env, "submit", *args, "-q", check=True).stdout)
+
+
+def running_event(store, job_id: int) -> str:  # type: ignore[no-untyped-def]
+    return next(e.reason for e in store.events(job_id) if e.to_state == "running")
+
+
+def test_each_objective_trains_on_two_workers(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    from tests.acceptance.test_recovery import wait_until
+
+    jobs = {name: submit(orch_env, path, *TWO_WORKERS) for name, path in SPECS.items()}
+    for name, job_id in jobs.items():
+        wait_until(lambda job_id=job_id: orch_store.get_job(job_id).state
+                   in ("succeeded", "failed"), 600, f"the {name} job")
+        job = orch_store.get_job(job_id)
+        assert job.state == "succeeded", (name, job.error)
+        assert job.cpus == 2 and job.gpus == 0  # the whole job's, what admission counted
+        assert "2 workers (ddp, gloo" in running_event(orch_store, job_id)
+        # One voice: rank 0 alone reports, once per step.
+        per_step = Counter(m.step for m in orch_store.metrics(job_id, name="train_loss"))
+        assert sorted(per_step) == [1, 2, 3, 4] and set(per_step.values()) == {1}, per_step
+        ckpts = [c for c in orch_store.checkpoints(job_id, include_deleted=True)
+                 if c.kind == "checkpoint"]
+        assert [c.step for c in ckpts] == [2, 4]
+        files = {p.name for p in Path(ckpts[-1].path).iterdir()}
+        assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= files
+        assert not (Path(job.artifact_dir) / "checkpoints" / ".partial").exists()
+        assert (Path(job.artifact_dir) / "final" / "config.json").is_file()
+
+
+def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    from tests.acceptance.test_recovery import wait_until
+
+    job_id = submit(orch_env, SPECS["clm"], *TWO_WORKERS, "--set", "training.max_steps=30",
+                    "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
+                    "--set", "retries=1")
+    wait_until(lambda: orch_store.checkpoints(job_id), 300, "the first checkpoint")
+    first = running_event(orch_store, job_id)
+    rank1 = int(re.search(r"rank 1 on node \S+ \S+ \(pid (\d+)\)", first).group(1))
+    os.kill(rank1, signal.SIGKILL)
+
+    wait_until(lambda: orch_store.get_job(job_id).state in ("succeeded", "failed"), 400, "the end")
+    job = orch_store.get_job(job_id)
+    assert job.state == "succeeded", job.error
+    # Ray Train recovered inside the attempt: no new attempt, a note in the history.
+    assert [a.outcome for a in orch_store.attempts(job_id)] == ["succeeded"]
+    restarts = [e.reason for e in orch_store.events(job_id)
+                if "Ray Train restarted the worker group" in e.reason]
+    assert len(restarts) == 1, [e.reason for e in orch_store.events(job_id)]
+    step = int(re.search(r"resuming from step (\d+)", restarts[0]).group(1))
+    assert step >= 4 and step % 4 == 0
+    assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
+
+
+def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
+    """A 2-node local cluster with one fake GPU per node: `gpus: 2, placement: spread`."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.spec import load_spec
+    from orchestrator.states import JobState
+    from orchestrator.store import Store
+
+    db = f"sqlite:///{tmp_path}/orch.db"
+    record = tmp_path / "samples"
+    record.mkdir()
+    spec, text = load_spec(REPO / SPECS["clm"], [
+        "resources.gpus=2", "resources.cpus=1", "resources.placement=spread",
+        f"checkpoints.storage={tmp_path}/shared", "training.max_steps=null", "training.epochs=1",
+        "training.packing=false", "dataset.max_train_samples=32", "training.batch_size=4",
+        "training.eval_steps=null", "training.save_steps=null", "training.logging_steps=1",
+        "dataset.max_eval_samples=8"])
+    env = {"ORCH_DATABASE_URL": db, "ORCH_RECORD_SAMPLES": str(record),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    os.environ.update(env)  # this process reads the store too (the driver's part)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    store = Store(db)
+    try:
+        job = store.create_job(name=spec.name, objective="clm", owner="t", spec=spec.to_dict(),
+                               spec_yaml=text, gpus=2, cpus=2,
+                               artifact_root=Path(spec.checkpoints.storage or ""))
+        store.transition(job.id, JobState.PENDING, "test", attempts=1, attempt_started="t-1")
+        ray.init(address=cluster.address, runtime_env={"env_vars": env})
+        from workers.distributed import run_distributed
+
+        assert run_distributed(job.id, 1) == 0
+        job = store.get_job(job.id)
+        assert job.state == "succeeded", job.error
+        nodes = dict(re.findall(r"rank (\d) on node (\S+)", running_event(store, job.id)))
+        print(f"placement: {nodes}")
+        assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]  # one rank per node
+
+        ranks = [set((record / f"rank-{r}.txt").read_text().splitlines()) for r in (0, 1)]
+        everything = set((record / "all.txt").read_text().splitlines())
+        assert len(everything) == 32
+        assert not ranks[0] & ranks[1]  # distinct samples on each rank ...
+        assert ranks[0] | ranks[1] == everything  # ... covering the epoch: 32 / (4 x 2) = 4 steps
+        assert max(m.step for m in store.metrics(job.id, name="train_loss")) == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        store.close()
+        for key in env:
+            os.environ.pop(key, None)
