@@ -48,6 +48,21 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+def print_breakdown(home: str) -> None:
+    """Where orch's time went, per job, from the transitions the store recorded."""
+    from orchestrator.store import Store
+
+    store = Store(f"sqlite:///{home}/orch.db")
+    for job in reversed(store.list_jobs()):
+        at = {e.to_state: e.at for e in store.events(job.id)}
+        steps = [("queued", "pending", "admitted"), ("pending", "running", "Ray Job + driver + actor start"),
+                 ("running", "succeeded", "training incl. model load, evals, saves")]
+        parts = ", ".join(f"{label} {(at[b] - at[a]).total_seconds():.1f}s" for a, b, label in steps
+                          if a in at and b in at)
+        print(f"job {job.id}: {parts}")
+    store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +78,7 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="orch-bench-")
     env = {**os.environ, "ORCH_HOME": home, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "ORCH_SERVER_PORT": "8772", "ORCH_RAY_PORT": "6392", "ORCH_RAY_DASHBOARD_PORT": "8267",
-           "ORCH_RAY_CLIENT_PORT": "10021", "ORCH_RAY_AGENT_PORT": "52385"}
+           "ORCH_RAY_CLIENT_PORT": "9021", "ORCH_RAY_AGENT_PORT": "52385"}
     env.pop("RAY_ADDRESS", None)
     env.pop("ORCH_SERVER_URL", None)
     orch = [sys.executable, "-m", "orchestrator.cli"]
@@ -77,6 +92,7 @@ def main() -> None:
             orch_s.append(timed([*orch, "submit", "--wait", args.spec, *sets], env))
     finally:
         subprocess.run([*orch, "down"], env=env, capture_output=True, check=False)
+    print_breakdown(home)
     d, o = statistics.median(direct_s), statistics.median(orch_s)
     print(f"spec: {args.spec} {' '.join(overrides)}")
     print(f"cold start (orch up: local Ray + control plane): {cold:.1f} s")
