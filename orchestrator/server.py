@@ -252,10 +252,9 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         if old.state not in (JobState.FAILED, JobState.CANCELLED):
             raise HTTPException(409, f"job {job_id} is {old.state}; only failed or cancelled "
                                      "jobs can be resumed")
-        from workers.reporting import is_complete_checkpoint
+        from workers.reporting import latest_complete_checkpoint
 
-        latest = next((c for c in reversed(plane.store.checkpoints(job_id))
-                       if c.kind == "checkpoint" and is_complete_checkpoint(Path(c.path))), None)
+        latest = latest_complete_checkpoint(plane.store, job_id)
         if latest is None:
             raise HTTPException(409, f"job {job_id} has no complete checkpoint to resume from; "
                                      "submit its spec again instead")

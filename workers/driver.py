@@ -67,11 +67,10 @@ def tee_output(path: Path) -> Iterator[None]:
 
 def resume_point(store, job) -> tuple[str | None, str]:  # type: ignore[no-untyped-def]
     """The latest complete checkpoint to resume from, and words for the event."""
-    from workers.reporting import is_complete_checkpoint
+    from workers.reporting import is_complete_checkpoint, latest_complete_checkpoint
 
-    for ckpt in reversed(store.checkpoints(job.id)):  # newest step first
-        if ckpt.kind == "checkpoint" and is_complete_checkpoint(Path(ckpt.path)):
-            return ckpt.path, f"resuming from step {ckpt.step} ({ckpt.path})"
+    if ckpt := latest_complete_checkpoint(store, job.id):
+        return ckpt.path, f"resuming from step {ckpt.step} ({ckpt.path})"
     if job.resume_from and is_complete_checkpoint(Path(job.resume_from)):
         return job.resume_from, f"resuming job {job.parent_job_id}'s checkpoint {job.resume_from}"
     return None, "from the start"

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from orchestrator.models import Checkpoint
 from orchestrator.spec import JobSpec
 from orchestrator.store import Store
 
@@ -30,6 +31,14 @@ def is_complete_checkpoint(path: Path) -> bool:
     """HF writes the weights and trainer_state.json last-but-one and last."""
     has_weights = any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").exists()
     return has_weights and (path / "trainer_state.json").is_file()
+
+
+def latest_complete_checkpoint(store: Store, job_id: int) -> Checkpoint | None:
+    """The newest registered checkpoint of a job that is still complete on disk."""
+    for ckpt in reversed(store.checkpoints(job_id)):  # newest step first
+        if ckpt.kind == "checkpoint" and is_complete_checkpoint(Path(ckpt.path)):
+            return ckpt
+    return None
 
 
 class StoreReporter(TrainerCallback):
