@@ -168,6 +168,20 @@ def _check_model_and_tokenizer(spec: JobSpec) -> list[str]:
     return problems
 
 
+def check_storage(spec: JobSpec) -> list[str]:
+    """An object-store URL in checkpoints.storage: its filesystem package is installed and
+    its bucket is visible from here, so a typo fails now, not at the first checkpoint."""
+    url = spec.checkpoints.storage
+    if not url or "://" not in url:
+        return []
+    from workers.storage import check_reachable
+
+    if why := check_reachable(url):
+        return [f"checkpoints.storage: {why}; install the filesystem's package (e.g. s3fs for "
+                "s3://, gcsfs for gs://) and check the bucket name and credentials"]
+    return []
+
+
 def preflight(spec: JobSpec) -> list[str]:
     """All cheap checks; an empty list means the spec is ready to run."""
-    return check_dataset(spec) + check_model_and_tokenizer(spec)
+    return check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)

@@ -104,7 +104,8 @@ class Scheduler:
             return None
         return (f"checkpoints.storage: {why}, but the job's checkpoints would go to the "
                 "control plane's node-local $ORCH_HOME; set checkpoints.storage to a "
-                "shared-filesystem path mounted at the same place on every node")
+                "shared-filesystem path mounted at the same place on every node, or to an "
+                "object-store URL such as s3://bucket/prefix")
 
     def _owner_gpus(self) -> Counter[str]:
         held: Counter[str] = Counter()

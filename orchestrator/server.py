@@ -304,8 +304,10 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
 
 
 def _artifact_root(spec: JobSpec) -> Path | None:
+    """Where the job's artifact dir goes: the storage path, or (storage a URL, or none) the
+    default root on this node, which then holds only logs and staging."""
     storage = spec.checkpoints.storage
-    return Path(storage) if storage else None
+    return Path(storage) if storage and "://" not in storage else None
 
 
 def serve(host: str, port: int) -> None:

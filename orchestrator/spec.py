@@ -178,6 +178,11 @@ class TrainingSpec(_Section):
         return self
 
 
+# fsspec filesystems that exist inside one process: nothing another process wrote is there.
+_PROCESS_LOCAL_PROTOCOLS = ("memory", "async_wrapper", "asyncwrapper", "cached", "blockcache",
+                            "filecache", "simplecache")
+
+
 class CheckpointsSpec(_Section):
     # Keep this many most recent checkpoints (plus the best one).
     keep_last: StrictInt = Field(default=2, ge=1)
@@ -185,21 +190,39 @@ class CheckpointsSpec(_Section):
     best_metric: str = "eval_loss"
     # min or max; by default min for losses/perplexity, max for everything else.
     best_mode: Literal["min", "max"] | None = None
-    # Directory for the job's artifacts (checkpoints, final model, logs), as <storage>/<job
-    # id>. Null: $ORCH_ARTIFACT_ROOT, else $ORCH_HOME/jobs on the control plane's node, which
-    # only that node can reach. A multi-node job needs a shared-filesystem path mounted at
-    # the same place on every node.
+    # Where the job's checkpoints and final model go, as <storage>/<job id>/. Null:
+    # $ORCH_ARTIFACT_ROOT, else $ORCH_HOME/jobs on the control plane's node, which only that
+    # node can reach. A path puts the logs there too; a multi-node job needs a shared-
+    # filesystem path mounted at the same place on every node. Or an fsspec URL (s3://bucket/
+    # prefix, gs://..., az://...): checkpoints are staged on each node and uploaded; the
+    # logs stay on the driver's node.
     storage: str | None = None
 
     @field_validator("storage")
     @classmethod
-    def _storage_path(cls, value: str | None) -> str | None:
-        if value is not None and "://" in value:
+    def _storage_location(cls, value: str | None) -> str | None:
+        if value is None or "://" not in value:
+            return value
+        protocol, rest = value.split("://", 1)
+        if protocol in ("file", "local"):
+            return rest or "/"  # a plain path: written in place, renamed atomically
+        if protocol in _PROCESS_LOCAL_PROTOCOLS:
             raise ValueError(
-                f"a directory path on a shared filesystem, not a URL (got {value!r}); "
-                "mount the bucket (e.g. s3fs, gcsfuse) and give the mount path"
+                f"{protocol}:// lives inside one process, so workers and the control plane "
+                "cannot share it; use a shared-filesystem path or an object-store URL such "
+                "as s3://bucket/prefix"
             )
-        return value
+        import fsspec
+
+        if protocol not in fsspec.available_protocols():
+            raise ValueError(
+                f"unknown URL scheme {protocol}:// (got {value!r}); use a shared-filesystem "
+                "path or a URL of a filesystem fsspec supports, e.g. s3://bucket/prefix, "
+                "gs://bucket/prefix"
+            )
+        if not rest.strip("/"):
+            raise ValueError(f"{value!r} names no bucket; e.g. {protocol}://bucket/prefix")
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _default_mode(self) -> CheckpointsSpec:
@@ -490,6 +513,6 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     if ds.get("name"):
         ds["name"] = _local_path(ds["name"], base_dir)
     storage = data["checkpoints"].get("storage")
-    if storage:
+    if storage and "://" not in storage:  # a URL is absolute already
         data["checkpoints"]["storage"] = str((base_dir / Path(storage).expanduser()).resolve())
     return JobSpec.model_validate(data)

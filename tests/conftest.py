@@ -12,15 +12,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import FAKE_CPUS, FAKE_GPUS, run_orch
+from tests.support import FAKE_CPUS, FAKE_GPUS, object_store, run_orch
 
 
 @pytest.fixture(scope="session")
-def orch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def s3_env() -> Iterator[dict[str, str]]:
+    """A local S3-compatible object store for the session; the AWS_* settings that reach it."""
+    with object_store() as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def orch_env(tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("orch-home")
     # Two test sessions on one machine (e.g. two checkouts) need ports of their own.
     offset = int(os.environ.get("ORCH_TEST_PORT_OFFSET", "0"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "RAY_", "AWS_"))}
+    # The cluster's nodes and the control plane can reach the session's object store, as a
+    # team's cluster reaches its bucket (s3:// checkpoint storage).
+    env.update(s3_env)
     env.update(
         ORCH_HOME=str(home),
         ORCH_RAY_PORT=str(6391 + offset),

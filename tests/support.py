@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +41,42 @@ def alive_actor_names(env: dict[str, str]) -> set[str]:
     proc = subprocess.run([sys.executable, "-c", code], env={**env, **auth}, capture_output=True,
                           text=True, timeout=60, check=True)
     return {line for line in proc.stdout.splitlines() if line}
+
+
+@contextmanager
+def object_store() -> Iterator[dict[str, str]]:
+    """A local S3-compatible object store (moto's server) in its own process, for tests of
+    s3:// checkpoint storage without a cloud. Yields the environment that points the AWS
+    clients (s3fs, boto) at it; every process given it sees the same buckets."""
+    with socket.socket() as probe:  # a free port, chosen by the kernel
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "orch-test",
+           "AWS_SECRET_ACCESS_KEY": "orch-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as conn:
+                if conn.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the test object store did not start on port {port}")
+            time.sleep(0.1)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def make_bucket(env: dict[str, str], name: str) -> str:
+    """Create bucket `name` in the object store `env` points at; its s3:// URL."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                          region_name=env["AWS_DEFAULT_REGION"])
+    client.create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -64,6 +64,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from orchestrator.store import Store
     from workers.driver import resume_point
     from workers.reporting import StoreReporter
+    from workers.storage import job_artifacts
     from workers.training import run_training
 
     if not torch.cuda.is_available():
@@ -105,12 +106,13 @@ def train_worker(config: dict[str, Any]) -> None:
     if not decision[0]["go"]:
         return
 
-    reporter = StoreReporter(store, job_id, attempt, spec) if leader else None
-    artifact_dir = Path(job.artifact_dir)
+    artifacts = job_artifacts(spec.checkpoints.storage, job_id, job.artifact_dir)
+    reporter = StoreReporter(store, job_id, attempt, spec, upload_to=artifacts.url) if leader else None
     try:
-        final_metrics = run_training(spec, artifact_dir,
+        final_metrics = run_training(spec, artifacts.local_dir,
                                      callbacks=[reporter] if reporter else [],
-                                     resume_from_checkpoint=decision[0]["resume_from"])
+                                     resume_from_checkpoint=decision[0]["resume_from"],
+                                     upload_to=artifacts.url)
     except Exception as exc:
         if reporter:
             reporter.flush()
@@ -122,7 +124,7 @@ def train_worker(config: dict[str, Any]) -> None:
                              attempt_ended=("failed", error))
         raise
     if reporter:
-        final_dir = artifact_dir / "final"
+        final_dir = artifacts.final
         reporter.final_model(reporter.last_step, final_dir, final_metrics)
         store.transition(job_id, JobState.SUCCEEDED, f"final model saved to {final_dir}",
                          expected=[JobState.RUNNING], attempt_ended=("succeeded", None))

@@ -67,11 +67,12 @@ def tee_output(path: Path) -> Iterator[None]:
 
 def resume_point(store, job) -> tuple[str | None, str]:  # type: ignore[no-untyped-def]
     """The latest complete checkpoint to resume from, and words for the event."""
-    from workers.reporting import is_complete_checkpoint, latest_complete_checkpoint
+    from workers.reporting import latest_complete_checkpoint
+    from workers.storage import is_complete_checkpoint
 
     if ckpt := latest_complete_checkpoint(store, job.id):
         return ckpt.path, f"resuming from step {ckpt.step} ({ckpt.path})"
-    if job.resume_from and is_complete_checkpoint(Path(job.resume_from)):
+    if job.resume_from and is_complete_checkpoint(job.resume_from):
         return job.resume_from, f"resuming job {job.parent_job_id}'s checkpoint {job.resume_from}"
     return None, "from the start"
 
@@ -91,6 +92,7 @@ class TrainingWorker:
         from orchestrator.states import JobState
         from orchestrator.store import Store
         from workers.reporting import StoreReporter
+        from workers.storage import job_artifacts
         from workers.training import run_training
 
         store = Store()
@@ -106,12 +108,13 @@ class TrainingWorker:
         if not store.transition(self.job_id, JobState.RUNNING, f"attempt {self.attempt} started {where}",
                                 expected=[JobState.PENDING]):
             return "not started: the job left pending (cancelled?)"
-        reporter = StoreReporter(store, self.job_id, self.attempt, spec)
-        artifact_dir = Path(job.artifact_dir)
+        artifacts = job_artifacts(spec.checkpoints.storage, self.job_id, job.artifact_dir)
+        reporter = StoreReporter(store, self.job_id, self.attempt, spec, upload_to=artifacts.url)
         try:
-            final_metrics = run_training(spec, artifact_dir, callbacks=[reporter],
-                                         resume_from_checkpoint=resume_from)
-            final_dir = artifact_dir / "final"
+            final_metrics = run_training(spec, artifacts.local_dir, callbacks=[reporter],
+                                         resume_from_checkpoint=resume_from,
+                                         upload_to=artifacts.url)
+            final_dir = artifacts.final
             reporter.final_model(reporter.last_step, final_dir, final_metrics)
         except Exception as exc:
             reporter.flush()

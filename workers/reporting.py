@@ -8,7 +8,6 @@ save, and at the end), never one commit per step.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,33 +17,30 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from orchestrator.models import Checkpoint
 from orchestrator.spec import JobSpec
 from orchestrator.store import Store
+from workers import storage
+from workers.storage import is_complete_checkpoint
 
 # HF log keys renamed so the store's names say what they are.
 _RENAMES = {"loss": "train_loss", "train_loss": "train_loss_avg"}
 
 
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """HF writes the weights and trainer_state.json last-but-one and last."""
-    has_weights = any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").exists()
-    return has_weights and (path / "trainer_state.json").is_file()
-
-
 def latest_complete_checkpoint(store: Store, job_id: int) -> Checkpoint | None:
-    """The newest registered checkpoint of a job that is still complete on disk."""
+    """The newest registered checkpoint of a job whose files are still there (on disk, or
+    at its URL)."""
     for ckpt in reversed(store.checkpoints(job_id)):  # newest step first
-        if ckpt.kind == "checkpoint" and is_complete_checkpoint(Path(ckpt.path)):
+        if ckpt.kind == "checkpoint" and is_complete_checkpoint(ckpt.path):
             return ckpt
     return None
 
 
 class StoreReporter(TrainerCallback):
     def __init__(self, store: Store, job_id: int, attempt: int, spec: JobSpec,
-                 flush_seconds: float = 2.0, max_buffer: int = 200) -> None:
+                 flush_seconds: float = 2.0, max_buffer: int = 200,
+                 upload_to: str | None = None) -> None:
         self.store = store
+        # The job's fsspec URL when checkpoints are uploaded to an object store (see
+        # workers.storage); they are registered under it instead of the local directory.
+        self.upload_to = upload_to
         self.job_id = job_id
         self.attempt = attempt
         self.keep_last = spec.checkpoints.keep_last
@@ -107,14 +103,17 @@ class StoreReporter(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
-        # The Trainer calls on_save after the checkpoint directory is completely written.
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not is_complete_checkpoint(path):
+        # The Trainer calls on_save after the checkpoint is completely written (and, with
+        # an object store, uploaded by every rank).
+        name = f"checkpoint-{state.global_step}"
+        location = (storage.join(self.upload_to, storage.CHECKPOINTS_DIR, name) if self.upload_to
+                    else str(Path(args.output_dir) / name))
+        if not is_complete_checkpoint(location):
             return
         self.flush()
         self.store.add_checkpoint(
-            self.job_id, attempt=self.attempt, step=state.global_step, path=str(path),
-            size_bytes=dir_size(path), metrics=self._metrics_at(state.global_step),
+            self.job_id, attempt=self.attempt, step=state.global_step, path=location,
+            size_bytes=storage.size_bytes(location), metrics=self._metrics_at(state.global_step),
         )
         self.apply_retention()
 
@@ -132,12 +131,12 @@ class StoreReporter(TrainerCallback):
             keep.add(best.id)
         for ckpt in live:
             if ckpt.id not in keep:
-                shutil.rmtree(ckpt.path, ignore_errors=True)
+                storage.remove(ckpt.path)
                 self.store.mark_checkpoint_deleted(ckpt.id)
 
-    def final_model(self, step: int, path: Path, metrics: dict[str, float]) -> None:
+    def final_model(self, step: int, location: str, metrics: dict[str, float]) -> None:
         self.flush()
         self.store.add_checkpoint(
-            self.job_id, attempt=self.attempt, step=step, path=str(path),
-            size_bytes=dir_size(path), metrics=metrics, kind="final",
+            self.job_id, attempt=self.attempt, step=step, path=location,
+            size_bytes=storage.size_bytes(location), metrics=metrics, kind="final",
         )

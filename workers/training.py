@@ -13,6 +13,8 @@ tests, a laptop). It builds a Hugging Face Trainer for the spec's objective and:
 Checkpoint retention is not done here (save_total_limit=None): orch's callback decides.
 Checkpoints are written under a temporary name and renamed into place, so a process
 killed mid-save never leaves a `checkpoint-N` directory behind that looks complete.
+With `upload_to` (an fsspec URL, see workers.storage) checkpoints and the final model are
+staged on this node and uploaded there instead, and a URL to resume from is fetched first.
 """
 
 from __future__ import annotations
@@ -40,14 +42,12 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec, Objective, Precision
+from workers import storage
 from workers.data import load_splits
 from workers.objectives import ObjectiveModule, get_objective, max_positions
+from workers.storage import CHECKPOINTS_DIR, FINAL_DIR, RESUME_DIR, STAGING_DIR
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-STAGING_DIR = ".partial"  # inside CHECKPOINTS_DIR: checkpoints being written
 
 
 class AtomicCheckpoints:
@@ -62,7 +62,13 @@ class AtomicCheckpoints:
     before anyone writes and renamed by rank 0 alone, after a barrier: once, complete.
     """
 
+    # Set by run_training: "<url>/checkpoints" when checkpoints go to an object store.
+    _orch_upload_to: str | None = None
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self._orch_upload_to:
+            self._save_and_upload(model, trial, self._orch_upload_to)
+            return
         run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
         name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
         staging_root = run_dir / STAGING_DIR
@@ -70,12 +76,7 @@ class AtomicCheckpoints:
         if leader:
             shutil.rmtree(staging_root / name, ignore_errors=True)
         barrier()  # nobody writes into a directory rank 0 is still clearing
-        # The Trainer derives the checkpoint path from _get_output_dir: point it at staging.
-        self._get_output_dir = lambda trial=None: str(staging_root)  # type: ignore[method-assign]
-        try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        finally:
-            del self._get_output_dir
+        self._write_checkpoint_into(staging_root, model, trial)
         barrier()  # every rank's files are written
         final = run_dir / name
         if leader:
@@ -85,6 +86,31 @@ class AtomicCheckpoints:
             with contextlib.suppress(OSError):  # only when empty: nothing else in flight
                 staging_root.rmdir()
         barrier()  # the rename is visible before any rank goes on (and on_save registers it)
+
+    def _save_and_upload(self, model: Any, trial: Any, upload_to: str) -> None:
+        """Object-store checkpoints: each rank stages what it writes in a directory of its
+        own (ranks on other nodes have other disks; ranks on this node must not upload each
+        other's files twice) and uploads it into the one checkpoint prefix."""
+        run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
+        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        mine = run_dir / STAGING_DIR / f"rank-{rank()}"
+        shutil.rmtree(mine, ignore_errors=True)
+        remote = storage.join(upload_to, name)
+        if rank() == 0:
+            storage.remove(remote)  # a dead attempt's unregistered, maybe partial upload
+        barrier()  # nobody uploads into a prefix rank 0 is still clearing
+        self._write_checkpoint_into(mine, model, trial)
+        storage.upload(mine / name, remote)
+        shutil.rmtree(mine, ignore_errors=True)
+        barrier()  # every rank's part is uploaded before on_save registers the checkpoint
+
+    def _write_checkpoint_into(self, parent: Path, model: Any, trial: Any) -> None:
+        # The Trainer derives the checkpoint path from _get_output_dir: point it at `parent`.
+        self._get_output_dir = lambda trial=None: str(parent)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            del self._get_output_dir
 
 
 def rank() -> int:
@@ -260,8 +286,11 @@ def run_training(
     output_dir: Path,
     callbacks: Sequence[TrainerCallback] = (),
     resume_from_checkpoint: str | None = None,
+    upload_to: str | None = None,
 ) -> dict[str, float]:
-    """Train `spec` and write checkpoints and the final model under `output_dir`.
+    """Train `spec` and write checkpoints and the final model under `output_dir`, or, with
+    `upload_to` (the job's fsspec URL), stage them there and upload them under the URL.
+    `resume_from_checkpoint` is a checkpoint directory or URL.
 
     Returns the final eval metrics (`eval_loss`, ...), or {} when the spec has no eval data.
     """
@@ -285,6 +314,13 @@ def run_training(
     args = build_arguments(spec, objective, output_dir, has_eval, resume_from_checkpoint is not None)
     # Whatever a killed attempt was still writing is garbage.
     shutil.rmtree(Path(args.output_dir) / STAGING_DIR, ignore_errors=True)
+    if resume_from_checkpoint and storage.is_url(resume_from_checkpoint):
+        # The Trainer resumes from a local directory. One copy per rank: ranks sharing a node
+        # must not write the same files at once.
+        name = resume_from_checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        local = output_dir / RESUME_DIR / f"rank-{rank()}" / name
+        log.info("job %s: fetching %s to %s", spec.name, resume_from_checkpoint, local)
+        resume_from_checkpoint = str(storage.download(resume_from_checkpoint, local))
     trainer = with_atomic_checkpoints(objective.trainer_class)(
         model=model,
         args=args,
@@ -301,6 +337,7 @@ def run_training(
         ],
     )
     trainer._orch_unmask = spec.objective == Objective.MLM  # type: ignore[attr-defined]
+    trainer._orch_upload_to = storage.join(upload_to, CHECKPOINTS_DIR) if upload_to else None  # type: ignore[attr-defined]
     if os.environ.get("ORCH_RECORD_SAMPLES") and rank() == 0:
         # The whole epoch's examples, for the test to compare the ranks' union against.
         out = Path(os.environ["ORCH_RECORD_SAMPLES"]) / "all.txt"
@@ -318,9 +355,38 @@ def run_training(
         assert last is not None
         final_metrics = last[1]
 
-    final_dir = output_dir / FINAL_DIR
-    trainer.save_model(str(final_dir))  # model (safetensors) + tokenizer + generation config
-    barrier()  # with FSDP every rank takes part; the directory is complete after this
+    final_dir = save_final_model(trainer, output_dir, upload_to)
+    shutil.rmtree(output_dir / RESUME_DIR, ignore_errors=True)
     log.info("job %s: trained %d steps in %.1fs; final model at %s; %s", spec.name,
              trainer.state.global_step, time.monotonic() - started, final_dir, final_metrics)
     return final_metrics
+
+
+def save_final_model(trainer: Trainer, output_dir: Path, upload_to: str | None) -> str:
+    """The trained model, tokenizer and generation config as a plain HF directory (loadable
+    with from_pretrained) at output_dir/final, or uploaded to <upload_to>/final. Returns
+    where it is."""
+    if trainer.is_fsdp_enabled:
+        # Checkpoints keep FSDP's sharded state dict (fast, resumable); the final model is
+        # gathered into one full state dict so from_pretrained can load it.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if not upload_to:
+        final_dir = output_dir / FINAL_DIR
+        trainer.save_model(str(final_dir))
+        barrier()  # with FSDP every rank takes part; the directory is complete after this
+        return str(final_dir)
+    # Every rank saves into a directory of its own and uploads what it wrote (only rank 0
+    # writes files, unless FSDP has every rank write a part).
+    rank_dir = output_dir / CHECKPOINTS_DIR / STAGING_DIR / f"rank-{rank()}"
+    mine = rank_dir / FINAL_DIR
+    shutil.rmtree(mine, ignore_errors=True)
+    remote = storage.join(upload_to, FINAL_DIR)
+    if rank() == 0:
+        storage.remove(remote)  # a final model uploaded by an attempt that died after it
+    barrier()
+    trainer.save_model(str(mine))
+    barrier()
+    storage.upload(mine, remote)
+    shutil.rmtree(rank_dir, ignore_errors=True)
+    barrier()  # the whole final model is uploaded before rank 0 registers it
+    return remote

@@ -292,6 +292,8 @@ def test_multi_node_job_with_node_local_storage_is_refused(store: Store, fake: F
         two_nodes.multi_node_problem(big)
     shared = build_spec(base, ["resources.gpus=4", "checkpoints.storage=/mnt/shared"])
     assert two_nodes.multi_node_problem(shared) is None
+    bucket = build_spec(base, ["resources.gpus=4", "checkpoints.storage=s3://team/runs"])
+    assert two_nodes.multi_node_problem(bucket) is None  # every node uploads to the bucket
     one_node = Scheduler(store, fake, Capacity(gpus=4, cpus=16, nodes=1, node_gpus=4,
                                                node_cpus=16))
     assert one_node.multi_node_problem(spread) is None  # spread over one node is one node

@@ -162,8 +162,10 @@ def test_data_parallel_resources() -> None:
     assert "training.strategy: must be one of" in problems_of(BASE, ("training.strategy=zero3",))
 
 
-def test_checkpoint_storage_is_a_path_resolved_against_the_spec(tmp_path: Path) -> None:
+def test_checkpoint_storage_is_a_path_resolved_against_the_spec_or_a_url(tmp_path: Path) -> None:
     spec = build_spec(BASE, ["checkpoints.storage=shared/runs"], base_dir=tmp_path)
     assert spec.checkpoints.storage == str(tmp_path / "shared" / "runs")
-    assert "checkpoints.storage: a directory path on a shared filesystem, not a URL" in \
-        problems_of(BASE, ("checkpoints.storage=s3://bucket/runs",))
+    url = build_spec(BASE, ["checkpoints.storage=s3://bucket/runs"], base_dir=tmp_path)
+    assert url.checkpoints.storage == "s3://bucket/runs"  # not resolved as a relative path
+    assert "checkpoints.storage: unknown URL scheme bogus://" in \
+        problems_of(BASE, ("checkpoints.storage=bogus://bucket/runs",))
