@@ -2,7 +2,8 @@
 
 - every objective through the CLI, with one voice: one metric row per step, one
   registration per checkpoint, every rank's RNG state inside it;
-- a killed worker: Ray Train restarts the group, which resumes from the latest checkpoint;
+- a killed worker (rank 1; rank 0 with checkpoints in an s3:// bucket): Ray Train restarts
+  the group, which resumes from the latest checkpoint;
 - a 2-node cluster (ray.cluster_utils.Cluster, fake GPUs): workers on both nodes, each rank
   trains on distinct samples and together they cover the epoch.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, run_orch
+from tests.support import REPO, make_bucket, run_orch
 
 pytestmark = pytest.mark.ray
 
@@ -82,6 +83,47 @@ def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, o
     step = int(re.search(r"resuming from step (\d+)", restarts[0]).group(1))
     assert step >= 4 and step % 4 == 0
     assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
+
+
+def test_killed_rank_0_resumes_from_checkpoints_in_an_object_store(orch_env, orch_store, s3_env,  # type: ignore[no-untyped-def]
+                                                                   monkeypatch) -> None:
+    """checkpoints.storage is an s3:// URL: every rank uploads its part of each checkpoint;
+    rank 0 (the one that reports) is killed and the new group resumes from the bucket."""
+    from tests.acceptance.test_recovery import wait_until
+    from workers import storage
+
+    for key, value in s3_env.items():  # this process reads the bucket too
+        monkeypatch.setenv(key, value)
+    bucket = make_bucket(s3_env, "orch-distributed")
+    job_id = submit(orch_env, SPECS["clm"], *TWO_WORKERS, "--set", "training.max_steps=30",
+                    "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
+                    "--set", "retries=1", "--set", f"checkpoints.storage={bucket}/team")
+    wait_until(lambda: orch_store.checkpoints(job_id), 300, "the first checkpoint")
+    rank0 = int(re.search(r"rank 0 on node \S+ \S+ \(pid (\d+)\)",
+                          running_event(orch_store, job_id)).group(1))
+    os.kill(rank0, signal.SIGKILL)
+
+    wait_until(lambda: orch_store.get_job(job_id).state in ("succeeded", "failed"), 400, "the end")
+    job = orch_store.get_job(job_id)
+    assert job.state == "succeeded", job.error
+    assert [a.outcome for a in orch_store.attempts(job_id)] == ["succeeded"]
+    restarts = [e.reason for e in orch_store.events(job_id)
+                if "Ray Train restarted the worker group" in e.reason]
+    assert len(restarts) == 1, [e.reason for e in orch_store.events(job_id)]
+    prefix = f"{bucket}/team/{job_id}"
+    assert re.search(rf"resuming from step \d+ \({re.escape(prefix)}/checkpoints/checkpoint-\d+\)",
+                     restarts[0]), restarts[0]
+    assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
+
+    ckpts = orch_store.checkpoints(job_id)  # live ones: the last 2 (keep_last) and the best
+    assert ckpts and all(c.path.startswith(prefix) for c in ckpts)
+    last = next(c for c in reversed(ckpts) if c.kind == "checkpoint")
+    files = set(storage._files(last.path))
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "trainer_state.json"} <= files
+    final = next(c for c in ckpts if c.kind == "final")
+    assert final.path == f"{prefix}/final" and "config.json" in storage._files(final.path)
+    # The node only staged them; nothing of the checkpoints is left on its disk.
+    assert not [p for p in (Path(job.artifact_dir) / "checkpoints").rglob("*") if p.is_file()]
 
 
 def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
