@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import FAKE_CPUS, FAKE_GPUS, run_orch
+from tests.support import FAKE_CPUS, FAKE_GPUS, make_bucket, run_orch
 
 pytestmark = pytest.mark.ray
 
@@ -87,8 +87,17 @@ def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> N
     assert worst <= 1e-4
 
 
-def test_cancelled_job_resumes_as_a_new_job(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    old = submit(orch_env, CLM, *RESUMABLE)
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_cancelled_job_resumes_as_a_new_job(storage: str, orch_env, orch_store, s3_env,  # type: ignore[no-untyped-def]
+                                            monkeypatch) -> None:
+    """`orch resume` of a cancelled job, with checkpoints on this node or in a bucket (the
+    control plane finds the latest checkpoint there; the new job's worker fetches it)."""
+    extra: list[str] = []
+    if storage == "s3":
+        for key, value in s3_env.items():  # this process reads the bucket too
+            monkeypatch.setenv(key, value)
+        extra = ["--set", f"checkpoints.storage={make_bucket(s3_env, 'orch-resume')}/runs"]
+    old = submit(orch_env, CLM, *RESUMABLE, *extra)
     wait_until(lambda: orch_store.checkpoints(old), 240, "the first checkpoint")
     run_orch(orch_env, "cancel", str(old), check=True)
     step = max(c.step for c in orch_store.checkpoints(old))
@@ -99,6 +108,13 @@ def test_cancelled_job_resumes_as_a_new_job(orch_env, orch_store) -> None:  # ty
     job = orch_store.get_job(new)
     assert job.state == "succeeded" and job.parent_job_id == old
     assert job.resume_from.endswith(f"checkpoint-{step}")
+    if storage == "s3":
+        from workers.storage import is_complete_checkpoint
+
+        assert job.resume_from == f"s3://orch-resume/runs/{old}/checkpoints/checkpoint-{step}"
+        final = next(c for c in orch_store.checkpoints(new) if c.kind == "final")
+        assert final.path == f"s3://orch-resume/runs/{new}/final"
+        assert is_complete_checkpoint(orch_store.checkpoints(new)[0].path)
     assert orch_store.get_job(old).state == "cancelled"  # terminal states never change
     assert min(losses(orch_store, new)) == step + 1 and max(losses(orch_store, new)) == 120
     again = run_orch(orch_env, "resume", str(new))
