@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -19,7 +20,7 @@ from sqlmodel import SQLModel
 
 from orchestrator import config
 from orchestrator.states import TERMINAL_STATES, JobState
-from orchestrator.store import InvalidTransition, Store
+from orchestrator.store import InvalidTransition, Store, make_engine
 
 Q, P, R = JobState.QUEUED, JobState.PENDING, JobState.RUNNING
 S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
@@ -477,6 +478,35 @@ def test_migrations_idempotent_and_match_models(db_url: str) -> None:
         assert len(store.list_jobs()) == 2
         # The hand-written migration and the SQLModel tables describe the same schema.
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+
+
+def test_metrics_recorded_before_the_superseded_column_stay_live(db_url: str) -> None:
+    """0003 adds metrics.superseded NOT NULL to a table that already has rows, and undoes it."""
+    cfg = _alembic_config()
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+            now = datetime.now(timezone.utc)
+            job_id = conn.execute(text(
+                "INSERT INTO jobs (name, objective, owner, state, priority, spec, spec_yaml, gpus,"
+                " cpus, attempts, max_attempts, artifact_dir, created_at, updated_at) VALUES"
+                " ('old', 'clm', 'ann', 'running', 0, '{}', '', 0, 1, 1, 1, '/a', :now, :now)"
+                " RETURNING id"), {"now": now}).scalar_one()
+            conn.execute(text("INSERT INTO metrics (job_id, attempt, step, name, value, at)"
+                              " VALUES (:job, 1, 3, 'loss', 2.0, :now)"), {"job": job_id, "now": now})
+        with Store(db_url) as store:
+            [row] = store.metrics(job_id)
+            assert (row.step, row.superseded) == (3, False)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+            assert conn.execute(text("SELECT step FROM metrics")).all() == [(3,)]
+    finally:
+        engine.dispose()
+    with Store(db_url) as store:  # and up again
+        assert [m.step for m in store.metrics(job_id)] == [3]
 
 
 def test_plain_postgresql_url_uses_psycopg(db_url: str) -> None:
