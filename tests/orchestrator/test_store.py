@@ -349,6 +349,49 @@ def test_metrics(store: Store) -> None:
     assert store.metrics(job_id + 1000) == []
 
 
+def test_supersede_metrics_after_a_step(store: Store) -> None:
+    job_id, other = new_job(store), new_job(store)
+    # Attempt 1 got to step 30; a restart inside the same attempt resumes from step 20.
+    store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (10, "loss", 2.5), (20, "loss", 2.0),
+                                  (20, "eval_loss", 2.2), (30, "loss", 1.5), (30, "lr", 1e-4)])
+    store.add_metrics(other, 1, [(30, "loss", 9.0)])
+    assert store.supersede_metrics(job_id, 20) == 2
+    assert store.supersede_metrics(job_id, 20) == 0  # already marked: nothing more
+    store.add_metrics(job_id, 1, [(25, "loss", 1.8)])
+
+    live = [(m.step, m.name, m.value) for m in store.metrics(job_id)]
+    assert live == [(0, "eval_loss", 4.0), (10, "loss", 2.5), (20, "eval_loss", 2.2),
+                    (20, "loss", 2.0), (25, "loss", 1.8)]
+    assert not any(m.superseded for m in store.metrics(job_id))
+    assert [m.step for m in store.metrics(job_id, "loss")] == [10, 20, 25]
+    everything = store.metrics(job_id, include_superseded=True)
+    assert [(m.step, m.name, m.superseded) for m in everything if m.step >= 25] == [
+        (25, "loss", False), (30, "loss", True), (30, "lr", True)]
+    assert [m.step for m in store.metrics(job_id, "lr", include_superseded=True)] == [30]
+    # The resumed run's step 25 is the newest loss, not the rolled-back step 30; lr has no
+    # live value left.
+    assert store.latest_metrics(job_id) == {"loss": (25, 1.8), "eval_loss": (20, 2.2)}
+    # Other jobs are untouched.
+    assert [(m.step, m.superseded) for m in store.metrics(other, include_superseded=True)] == [
+        (30, False)]
+    assert store.latest_metrics(other) == {"loss": (30, 9.0)}
+
+
+def test_supersede_all_metrics_of_a_job(store: Store) -> None:
+    job_id, other = new_job(store), new_job(store)
+    store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (5, "loss", 2.0)])
+    store.add_metrics(other, 1, [(0, "eval_loss", 3.0)])
+    # A retry without a checkpoint starts over from step 0, its evaluation included.
+    assert store.supersede_metrics(job_id, None) == 2
+    assert store.metrics(job_id) == [] and store.latest_metrics(job_id) == {}
+    store.add_metrics(job_id, 2, [(0, "eval_loss", 4.1)])
+    assert [(m.attempt, m.superseded) for m in store.metrics(job_id, include_superseded=True)
+            if m.name == "eval_loss"] == [(1, True), (2, False)]
+    assert store.latest_metrics(job_id) == {"eval_loss": (0, 4.1)}
+    assert len(store.metrics(other)) == 1
+    assert store.supersede_metrics(12345, None) == 0  # no such job: nothing to mark
+
+
 def test_metrics_large_batch(store: Store) -> None:
     job_id = new_job(store)
     rows = [(step, name, step * 0.5) for step in range(1500) for name in ("loss", "lr")]
