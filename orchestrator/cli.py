@@ -218,20 +218,27 @@ def status(job_id: int, output: str) -> None:
 @cli.command()
 @click.argument("job_id", type=int)
 @click.option("--name", help="only this metric")
+@click.option("--all", "include_superseded", is_flag=True,
+              help="also show superseded values, kept as history: those written after the "
+                   "step a later run resumed from (all, if it started over); with attempts")
 @output_option
 @friendly_errors
-def metrics(job_id: int, name: str | None, output: str) -> None:
+def metrics(job_id: int, name: str | None, include_superseded: bool, output: str) -> None:
     """Metrics a job recorded, by step."""
-    data = Client().get(f"/jobs/{job_id}/metrics", name=name)
+    data = Client().get(f"/jobs/{job_id}/metrics", name=name, all=include_superseded or None)
     if output == "json":
         return print_json(data)
     names = sorted({m["name"] for m in data["metrics"]})
-    steps: dict[int, dict[str, float]] = {}
+    # With --all a superseded value and the one that replaced it share a step, even an
+    # attempt (Ray Train restarted the worker group): a row each, the superseded one first.
+    rows: dict[tuple[int, ...], dict[str, float]] = {}
     for m in data["metrics"]:
-        steps.setdefault(m["step"], {})[m["name"]] = m["value"]
-    table = Table("step", *names)
-    for step in sorted(steps):
-        table.add_row(str(step), *(_fmt(steps[step].get(n)) for n in names))
+        key = (m["step"], m["attempt"], not m["superseded"]) if include_superseded else (m["step"],)
+        rows.setdefault(key, {})[m["name"]] = m["value"]
+    table = Table("step", *(("attempt", "superseded") if include_superseded else ()), *names)
+    for key, values in sorted(rows.items()):
+        marks = [str(key[1]), "" if key[2] else "*"] if include_superseded else []
+        table.add_row(str(key[0]), *marks, *(_fmt(values.get(n)) for n in names))
     out.print(table)
 
 

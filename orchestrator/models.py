@@ -98,6 +98,10 @@ class Metric(SQLModel, table=True):
     name: str
     value: float
     at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # A run that resumes from step S (or starts over) writes steps > S again: the rows an
+    # earlier run wrote there are marked rather than deleted, so reads see each step once
+    # and the rolled-back history stays inspectable. Set only by Store.supersede_metrics.
+    superseded: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
 
 
 class Checkpoint(SQLModel, table=True):

@@ -63,7 +63,7 @@ def event_json(event: JobEvent) -> dict[str, Any]:
 
 def metric_json(metric: Metric) -> dict[str, Any]:
     return {"step": metric.step, "name": metric.name, "value": metric.value,
-            "attempt": metric.attempt}
+            "attempt": metric.attempt, "superseded": metric.superseded}
 
 
 def attempt_json(attempt: Attempt) -> dict[str, Any]:
@@ -270,10 +270,11 @@ def create_app(plane: ControlPlane | None = None) -> FastAPI:
         return job_json(job)
 
     @app.get("/jobs/{job_id}/metrics", dependencies=auth)
-    def metrics(job_id: int, request: Request, name: str | None = None) -> dict[str, Any]:
+    def metrics(job_id: int, request: Request, name: str | None = None,
+                all: bool = False) -> dict[str, Any]:
         plane = cp(request)
         get_job(plane, job_id)
-        rows = plane.store.metrics(job_id, name=name)
+        rows = plane.store.metrics(job_id, name=name, include_superseded=all)
         return {"id": job_id, "metrics": [metric_json(m) for m in rows]}
 
     @app.get("/jobs/{job_id}/checkpoints", dependencies=auth)

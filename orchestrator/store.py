@@ -429,9 +429,25 @@ class Store:
             for start in range(0, len(params), _METRIC_CHUNK):
                 session.execute(insert(Metric).values(params[start : start + _METRIC_CHUNK]))
 
-    def metrics(self, job_id: int, name: str | None = None) -> list[Metric]:
-        """By step, then name (attempt and insertion order break ties)."""
+    def supersede_metrics(self, job_id: int, after_step: int | None) -> int:
+        """Mark the job's live metrics with step > `after_step` (None: all of them) as
+        superseded, because a run starting from that step is about to write them again.
+        Returns how many rows were marked; the rows themselves are kept."""
+        query = update(Metric).where(col(Metric.job_id) == job_id, ~col(Metric.superseded))
+        if after_step is not None:
+            query = query.where(col(Metric.step) > int(after_step))
+        with self._writing() as session:
+            result = session.execute(
+                query.values(superseded=True).execution_options(synchronize_session=False))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    def metrics(self, job_id: int, name: str | None = None,
+                include_superseded: bool = False) -> list[Metric]:
+        """By step, then name (attempt and insertion order break ties). Rows a resumed run
+        rewrote (superseded) only with `include_superseded`."""
         query = select(Metric).where(col(Metric.job_id) == job_id)
+        if not include_superseded:
+            query = query.where(~col(Metric.superseded))
         if name is not None:
             query = query.where(col(Metric.name) == name)
         query = query.order_by(col(Metric.step), col(Metric.name), col(Metric.attempt), col(Metric.id))
@@ -439,15 +455,16 @@ class Store:
             return list(session.scalars(query))
 
     def latest_metrics(self, job_id: int) -> dict[str, tuple[int, float]]:
-        """name -> (step, value) of each metric's newest value: the latest attempt's
-        highest step (a retried attempt may restart its step count)."""
+        """name -> (step, value) of each metric's newest live value: the latest attempt's
+        highest step (a retried attempt may restart its step count). Superseded rows are
+        ignored: a resumed run's step S+1 is newer than the dead run's step S+5."""
         newest_first = func.row_number().over(
             partition_by=col(Metric.name),
             order_by=(col(Metric.attempt).desc(), col(Metric.step).desc(), col(Metric.id).desc()),
         )
         ranked = (
             select(Metric.name, Metric.step, Metric.value, newest_first.label("rank"))
-            .where(col(Metric.job_id) == job_id)
+            .where(col(Metric.job_id) == job_id, ~col(Metric.superseded))
             .subquery()
         )
         query = select(ranked.c.name, ranked.c.step, ranked.c.value).where(ranked.c.rank == 1)

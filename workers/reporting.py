@@ -73,6 +73,13 @@ class StoreReporter(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
+        # global_step is the step this run starts from (the checkpoint's when resuming).
+        # Every step after it will be written again, every step at all on a fresh start
+        # (the step-0 evaluation included): mark what an earlier run left there (a dead
+        # attempt, or this attempt's worker group before Ray Train restarted it) before
+        # writing anything, so each step keeps one live row.
+        start = state.global_step
+        self.store.supersede_metrics(self.job_id, start if start > 0 else None)
         self.record(state.global_step, {"total_steps": state.max_steps})
         self.flush()
 

@@ -62,7 +62,7 @@ def test_each_objective_trains_on_two_workers(orch_env, orch_store) -> None:  # 
 
 
 def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    from tests.acceptance.test_recovery import wait_until
+    from tests.acceptance.test_recovery import assert_each_live_loss_once, wait_until
 
     job_id = submit(orch_env, SPECS["clm"], *TWO_WORKERS, "--set", "training.max_steps=30",
                     "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
@@ -83,6 +83,9 @@ def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, o
     step = int(re.search(r"resuming from step (\d+)", restarts[0]).group(1))
     assert step >= 4 and step % 4 == 0
     assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
+    # The dead group's losses after step S were superseded when the new group began: one
+    # live loss per step, although both groups wrote steps after S in the same attempt.
+    assert assert_each_live_loss_once(orch_store, job_id) == list(range(1, 31))
 
 
 def test_killed_rank_0_resumes_from_checkpoints_in_an_object_store(orch_env, orch_store, s3_env,  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -57,6 +58,13 @@ def losses(store, job_id: int, attempt: int | None = None) -> dict[int, float]: 
             if attempt is None or m.attempt == attempt}
 
 
+def assert_each_live_loss_once(store, job_id: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """No train_loss step is counted twice after a resume; returns the live steps."""
+    steps = Counter(m.step for m in store.metrics(job_id, name="train_loss"))
+    assert not {s: n for s, n in steps.items() if n > 1}, steps
+    return sorted(steps)
+
+
 def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
     reference = submit(orch_env, CLM, *RESUMABLE)
     victim = submit(orch_env, CLM, *RESUMABLE)
@@ -82,6 +90,12 @@ def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> N
     ref, after = losses(orch_store, reference), losses(orch_store, victim, attempt=2)
     assert max(ref) == max(after) == 120
     assert min(after) == resume_step + 1
+    # The killed attempt's losses after the resume point are kept, but superseded.
+    killed = [m for m in orch_store.metrics(victim, name="train_loss", include_superseded=True)
+              if m.attempt == 1]
+    assert [m.step for m in killed if not m.superseded] == list(range(1, resume_step + 1))
+    assert all(m.step > resume_step for m in killed if m.superseded)
+    assert assert_each_live_loss_once(orch_store, victim) == list(range(1, 121))
     worst = max(abs(ref[s] - after[s]) for s in after)
     print(f"resume equivalence: resumed at step {resume_step}, max |loss diff| {worst:.2e}")
     assert worst <= 1e-4

@@ -99,6 +99,17 @@ def test_metrics_and_checkpoints_views(api: tuple[TestClient, Store]) -> None:
     assert [(m["step"], m["name"]) for m in metrics["metrics"]] == [
         (0, "eval_loss"), (10, "eval_loss"), (10, "train_loss")]
     assert client.get(f"/jobs/{job_id}").json()["metrics"]["eval_loss"] == {"step": 10, "value": 2.0}
+    # A resume from step 0 rewrote step 10: the old rows show only with all=true.
+    store.supersede_metrics(job_id, 0)
+    store.add_metrics(job_id, 1, [(10, "train_loss", 2.4)])
+    shown = client.get(f"/jobs/{job_id}/metrics").json()["metrics"]
+    assert [(m["step"], m["name"], m["value"], m["superseded"]) for m in shown] == [
+        (0, "eval_loss", 4.0, False), (10, "train_loss", 2.4, False)]
+    every = client.get(f"/jobs/{job_id}/metrics", params={"all": "true"}).json()["metrics"]
+    assert [(m["step"], m["name"], m["superseded"]) for m in every] == [
+        (0, "eval_loss", False), (10, "eval_loss", True), (10, "train_loss", True),
+        (10, "train_loss", False)]
+    assert client.get(f"/jobs/{job_id}").json()["metrics"]["eval_loss"] == {"step": 0, "value": 4.0}
     ckpts = client.get(f"/jobs/{job_id}/checkpoints").json()["checkpoints"]
     assert ckpts[0]["path"] == "/x/checkpoint-10" and ckpts[0]["is_latest"]
     listed = client.get("/jobs", params={"state": "queued,pending"}).json()

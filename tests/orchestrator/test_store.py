@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -19,7 +20,7 @@ from sqlmodel import SQLModel
 
 from orchestrator import config
 from orchestrator.states import TERMINAL_STATES, JobState
-from orchestrator.store import InvalidTransition, Store
+from orchestrator.store import InvalidTransition, Store, make_engine
 
 Q, P, R = JobState.QUEUED, JobState.PENDING, JobState.RUNNING
 S, F, C = JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
@@ -348,6 +349,49 @@ def test_metrics(store: Store) -> None:
     assert store.metrics(job_id + 1000) == []
 
 
+def test_supersede_metrics_after_a_step(store: Store) -> None:
+    job_id, other = new_job(store), new_job(store)
+    # Attempt 1 got to step 30; a restart inside the same attempt resumes from step 20.
+    store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (10, "loss", 2.5), (20, "loss", 2.0),
+                                  (20, "eval_loss", 2.2), (30, "loss", 1.5), (30, "lr", 1e-4)])
+    store.add_metrics(other, 1, [(30, "loss", 9.0)])
+    assert store.supersede_metrics(job_id, 20) == 2
+    assert store.supersede_metrics(job_id, 20) == 0  # already marked: nothing more
+    store.add_metrics(job_id, 1, [(25, "loss", 1.8)])
+
+    live = [(m.step, m.name, m.value) for m in store.metrics(job_id)]
+    assert live == [(0, "eval_loss", 4.0), (10, "loss", 2.5), (20, "eval_loss", 2.2),
+                    (20, "loss", 2.0), (25, "loss", 1.8)]
+    assert not any(m.superseded for m in store.metrics(job_id))
+    assert [m.step for m in store.metrics(job_id, "loss")] == [10, 20, 25]
+    everything = store.metrics(job_id, include_superseded=True)
+    assert [(m.step, m.name, m.superseded) for m in everything if m.step >= 25] == [
+        (25, "loss", False), (30, "loss", True), (30, "lr", True)]
+    assert [m.step for m in store.metrics(job_id, "lr", include_superseded=True)] == [30]
+    # The resumed run's step 25 is the newest loss, not the rolled-back step 30; lr has no
+    # live value left.
+    assert store.latest_metrics(job_id) == {"loss": (25, 1.8), "eval_loss": (20, 2.2)}
+    # Other jobs are untouched.
+    assert [(m.step, m.superseded) for m in store.metrics(other, include_superseded=True)] == [
+        (30, False)]
+    assert store.latest_metrics(other) == {"loss": (30, 9.0)}
+
+
+def test_supersede_all_metrics_of_a_job(store: Store) -> None:
+    job_id, other = new_job(store), new_job(store)
+    store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (5, "loss", 2.0)])
+    store.add_metrics(other, 1, [(0, "eval_loss", 3.0)])
+    # A retry without a checkpoint starts over from step 0, its evaluation included.
+    assert store.supersede_metrics(job_id, None) == 2
+    assert store.metrics(job_id) == [] and store.latest_metrics(job_id) == {}
+    store.add_metrics(job_id, 2, [(0, "eval_loss", 4.1)])
+    assert [(m.attempt, m.superseded) for m in store.metrics(job_id, include_superseded=True)
+            if m.name == "eval_loss"] == [(1, True), (2, False)]
+    assert store.latest_metrics(job_id) == {"eval_loss": (0, 4.1)}
+    assert len(store.metrics(other)) == 1
+    assert store.supersede_metrics(12345, None) == 0  # no such job: nothing to mark
+
+
 def test_metrics_large_batch(store: Store) -> None:
     job_id = new_job(store)
     rows = [(step, name, step * 0.5) for step in range(1500) for name in ("loss", "lr")]
@@ -477,6 +521,35 @@ def test_migrations_idempotent_and_match_models(db_url: str) -> None:
         assert len(store.list_jobs()) == 2
         # The hand-written migration and the SQLModel tables describe the same schema.
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []
+
+
+def test_metrics_recorded_before_the_superseded_column_stay_live(db_url: str) -> None:
+    """0003 adds metrics.superseded NOT NULL to a table that already has rows, and undoes it."""
+    cfg = _alembic_config()
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+            now = datetime.now(timezone.utc)
+            job_id = conn.execute(text(
+                "INSERT INTO jobs (name, objective, owner, state, priority, spec, spec_yaml, gpus,"
+                " cpus, attempts, max_attempts, artifact_dir, created_at, updated_at) VALUES"
+                " ('old', 'clm', 'ann', 'running', 0, '{}', '', 0, 1, 1, 1, '/a', :now, :now)"
+                " RETURNING id"), {"now": now}).scalar_one()
+            conn.execute(text("INSERT INTO metrics (job_id, attempt, step, name, value, at)"
+                              " VALUES (:job, 1, 3, 'loss', 2.0, :now)"), {"job": job_id, "now": now})
+        with Store(db_url) as store:
+            [row] = store.metrics(job_id)
+            assert (row.step, row.superseded) == (3, False)
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002")
+            assert conn.execute(text("SELECT step FROM metrics")).all() == [(3,)]
+    finally:
+        engine.dispose()
+    with Store(db_url) as store:  # and up again
+        assert [m.step for m in store.metrics(job_id)] == [3]
 
 
 def test_plain_postgresql_url_uses_psycopg(db_url: str) -> None:

@@ -1,0 +1,63 @@
+"""CLI rendering against the real HTTP API (a TestClient in place of the HTTP client)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from orchestrator import cli
+from orchestrator.cluster import Capacity
+from orchestrator.server import ControlPlane, create_app
+from orchestrator.store import Store
+from tests.orchestrator.test_scheduler import FakeExecutor
+from tests.orchestrator.test_server import spec_dict
+
+
+class InProcessClient:
+    """What the CLI needs of orchestrator.client.Client, answered by the app in-process."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = self.client.get(path, params={k: v for k, v in params.items() if v is not None})
+        response.raise_for_status()
+        return response.json()
+
+
+@pytest.fixture
+def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.delenv("ORCH_API_TOKEN", raising=False)
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=4, nodes=1), interval=60)
+    with TestClient(create_app(plane)) as client:
+        monkeypatch.setattr(cli, "Client", lambda: InProcessClient(client))
+        yield client
+
+
+def table(*args: str) -> list[list[str]]:
+    """The cells of the table a command prints, row by row (header first)."""
+    result = CliRunner().invoke(cli.cli, list(args), env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    return [line.replace("│", " ").replace("┃", " ").split() for line in result.output.splitlines()
+            if "│" in line or "┃" in line]
+
+
+def test_metrics_all_shows_superseded_values_with_their_attempt(api: TestClient, store: Store) -> None:
+    job_id = api.post("/jobs", json={"spec": spec_dict()}).json()["id"]
+    # Attempt 1 reached step 3; Ray Train restarted its worker group from step 1.
+    store.add_metrics(job_id, 1, [(1, "loss", 2.0), (2, "loss", 1.9), (3, "loss", 1.8)])
+    store.supersede_metrics(job_id, 1)
+    store.add_metrics(job_id, 1, [(2, "loss", 1.7)])
+
+    assert table("metrics", str(job_id)) == [["step", "loss"], ["1", "2"], ["2", "1.7"]]
+    assert table("metrics", str(job_id), "--all") == [
+        ["step", "attempt", "superseded", "loss"],
+        ["1", "1", "2"],
+        ["2", "1", "*", "1.9"],
+        ["2", "1", "1.7"],
+        ["3", "1", "*", "1.8"],
+    ]
