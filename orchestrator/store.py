@@ -429,13 +429,19 @@ class Store:
             for start in range(0, len(params), _METRIC_CHUNK):
                 session.execute(insert(Metric).values(params[start : start + _METRIC_CHUNK]))
 
-    def supersede_metrics(self, job_id: int, after_step: int | None) -> int:
+    def supersede_metrics(self, job_id: int, after_step: int | None,
+                          restated: Sequence[str] = ()) -> int:
         """Mark the job's live metrics with step > `after_step` (None: all of them) as
-        superseded, because a run starting from that step is about to write them again.
-        Returns how many rows were marked; the rows themselves are kept."""
+        superseded, because a run starting from that step is about to write them again;
+        also those at `after_step` itself named in `restated` (what every run writes at its
+        starting step). Returns how many rows were marked; the rows themselves are kept."""
         query = update(Metric).where(col(Metric.job_id) == job_id, ~col(Metric.superseded))
         if after_step is not None:
-            query = query.where(col(Metric.step) > int(after_step))
+            later = col(Metric.step) > int(after_step)
+            if restated:
+                later = later | ((col(Metric.step) == int(after_step))
+                                 & col(Metric.name).in_(list(restated)))
+            query = query.where(later)
         with self._writing() as session:
             result = session.execute(
                 query.values(superseded=True).execution_options(synchronize_session=False))

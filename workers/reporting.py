@@ -22,6 +22,10 @@ from workers.storage import is_complete_checkpoint
 
 # HF log keys renamed so the store's names say what they are.
 _RENAMES = {"loss": "train_loss", "train_loss": "train_loss_avg"}
+# Written again at the step a resumed run starts from: total_steps by every run, and the
+# Trainer's end-of-run summary by a run resumed from its final checkpoint.
+RESTATED_AT_START = ("total_steps", "train_runtime", "train_samples_per_second",
+                     "train_steps_per_second", "total_flos", "train_loss_avg")
 
 
 def latest_complete_checkpoint(store: Store, job_id: int) -> Checkpoint | None:
@@ -79,7 +83,8 @@ class StoreReporter(TrainerCallback):
         # attempt, or this attempt's worker group before Ray Train restarted it) before
         # writing anything, so each step keeps one live row.
         start = state.global_step
-        self.store.supersede_metrics(self.job_id, start if start > 0 else None)
+        self.store.supersede_metrics(self.job_id, start if start > 0 else None,
+                                     restated=RESTATED_AT_START)
         self.record(state.global_step, {"total_steps": state.max_steps})
         self.flush()
 

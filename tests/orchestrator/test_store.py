@@ -377,6 +377,14 @@ def test_supersede_metrics_after_a_step(store: Store) -> None:
     assert store.latest_metrics(other) == {"loss": (30, 9.0)}
 
 
+def test_supersede_names_restated_at_the_resume_step(store: Store) -> None:
+    job_id = new_job(store)
+    store.add_metrics(job_id, 1, [(20, "total_steps", 30.0), (20, "loss", 2.0), (30, "loss", 1.5)])
+    # A second run resuming from step 20 writes total_steps at 20 again, not loss.
+    assert store.supersede_metrics(job_id, 20, restated=["total_steps"]) == 2
+    assert [(m.step, m.name) for m in store.metrics(job_id)] == [(20, "loss")]
+
+
 def test_supersede_all_metrics_of_a_job(store: Store) -> None:
     job_id, other = new_job(store), new_job(store)
     store.add_metrics(job_id, 1, [(0, "eval_loss", 4.0), (5, "loss", 2.0)])
