@@ -137,8 +137,10 @@ def test_cancelled_job_resumes_as_a_new_job(storage: str, orch_env, orch_store, 
 
 def test_control_plane_killed_and_restarted(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
     for downtime in (0, 20):
+        # One GPU, one worker actor (starts fast); the second job needs every GPU, so it
+        # stays queued behind the first across the outage.
         long = submit(orch_env, CLM, "--set", "training.max_steps=250", "--set",
-                      f"resources.gpus={FAKE_GPUS}", "-q")
+                      "resources.gpus=1", "-q")
         waiting = submit(orch_env, CLM, "--set", "training.max_steps=20", "--set",
                          f"resources.gpus={FAKE_GPUS}", "-q")
         wait_until(lambda long=long: state_of(orch_store, long) == "running", 120, "running")
