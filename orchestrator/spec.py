@@ -191,11 +191,10 @@ class CheckpointsSpec(_Section):
     # min or max; by default min for losses/perplexity, max for everything else.
     best_mode: Literal["min", "max"] | None = None
     # Where the job's checkpoints and final model go, as <storage>/<job id>/. Null:
-    # $ORCH_ARTIFACT_ROOT, else $ORCH_HOME/jobs on the control plane's node, which only that
-    # node can reach. A path puts the logs there too; a multi-node job needs a shared-
-    # filesystem path mounted at the same place on every node. Or an fsspec URL (s3://bucket/
-    # prefix, gs://..., az://...): checkpoints are staged on each node and uploaded; the
-    # logs stay on the driver's node.
+    # $ORCH_HOME/jobs on the control plane's node, which only that node can reach. A path
+    # puts the logs there too; a multi-node job needs a shared-filesystem path mounted at
+    # the same place on every node. Or an fsspec URL (s3://bucket/prefix, gs://...):
+    # checkpoints are staged on each node and uploaded; the logs stay on the driver's node.
     storage: str | None = None
 
     @field_validator("storage")
