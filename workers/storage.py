@@ -55,7 +55,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
     return fs, root
 
 
-def _files(location: str | Path) -> dict[str, int]:
+def list_files(location: str | Path) -> dict[str, int]:
     """Every file under `location`, relative name -> size; {} when nothing is there."""
     if not is_url(location):
         root = Path(location)
@@ -74,13 +74,13 @@ def _files(location: str | Path) -> dict[str, int]:
 
 def is_complete_checkpoint(location: str | Path) -> bool:
     """The weights and trainer_state.json (which the Trainer writes last) are there."""
-    names = _files(location)
+    names = list_files(location)
     has_weights = any(n in _WEIGHT_NAMES or n.endswith(".safetensors") for n in names)
     return has_weights and "trainer_state.json" in names
 
 
 def size_bytes(location: str | Path) -> int:
-    return sum(_files(location).values())
+    return sum(list_files(location).values())
 
 
 def upload(local_dir: Path, url: str) -> int:
@@ -101,7 +101,7 @@ def download(url: str, local_dir: Path) -> Path:
     """Copy everything under `url` into `local_dir` (emptied first); returns `local_dir`."""
     shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True)
-    names = sorted(_files(url))
+    names = sorted(list_files(url))
     if not names:
         raise FileNotFoundError(f"nothing at {url}")
     fs, root = _filesystem(url)

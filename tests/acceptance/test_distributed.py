@@ -61,71 +61,65 @@ def test_each_objective_trains_on_two_workers(orch_env, orch_store) -> None:  # 
         assert (Path(job.artifact_dir) / "final" / "config.json").is_file()
 
 
-def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+def kill_rank_until_done(orch_store, job_id: int, rank: int) -> str:  # type: ignore[no-untyped-def]
+    """SIGKILL one rank of a 2-worker, 30-step job after its first checkpoint; check Ray Train
+    recovered inside the attempt (no new attempt, one restart in the history, every live
+    loss once) and return the restart event's words."""
     from tests.acceptance.test_recovery import assert_each_live_loss_once, wait_until
 
-    job_id = submit(orch_env, SPECS["clm"], *TWO_WORKERS, "--set", "training.max_steps=30",
-                    "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
-                    "--set", "retries=1")
     wait_until(lambda: orch_store.checkpoints(job_id), 300, "the first checkpoint")
-    first = running_event(orch_store, job_id)
-    rank1 = int(re.search(r"rank 1 on node \S+ \S+ \(pid (\d+)\)", first).group(1))
-    os.kill(rank1, signal.SIGKILL)
+    pid = int(re.search(rf"rank {rank} on node \S+ \S+ \(pid (\d+)\)",
+                        running_event(orch_store, job_id)).group(1))
+    os.kill(pid, signal.SIGKILL)
 
     wait_until(lambda: orch_store.get_job(job_id).state in ("succeeded", "failed"), 400, "the end")
     job = orch_store.get_job(job_id)
     assert job.state == "succeeded", job.error
-    # Ray Train recovered inside the attempt: no new attempt, a note in the history.
     assert [a.outcome for a in orch_store.attempts(job_id)] == ["succeeded"]
     restarts = [e.reason for e in orch_store.events(job_id)
                 if "Ray Train restarted the worker group" in e.reason]
     assert len(restarts) == 1, [e.reason for e in orch_store.events(job_id)]
     step = int(re.search(r"resuming from step (\d+)", restarts[0]).group(1))
     assert step >= 4 and step % 4 == 0
-    assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
     # The dead group's losses after step S were superseded when the new group began: one
     # live loss per step, although both groups wrote steps after S in the same attempt.
     assert assert_each_live_loss_once(orch_store, job_id) == list(range(1, 31))
+    return restarts[0]
+
+
+RESTARTABLE = [*TWO_WORKERS, "--set", "training.max_steps=30", "--set", "training.save_steps=4",
+               "--set", "training.eval_steps=4", "--set", "retries=1"]
+
+
+def test_killed_worker_restarts_the_group_from_the_latest_checkpoint(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
+    job_id = submit(orch_env, SPECS["clm"], *RESTARTABLE)
+    kill_rank_until_done(orch_store, job_id, rank=1)
 
 
 def test_killed_rank_0_resumes_from_checkpoints_in_an_object_store(orch_env, orch_store, s3_env,  # type: ignore[no-untyped-def]
                                                                    monkeypatch) -> None:
     """checkpoints.storage is an s3:// URL: every rank uploads its part of each checkpoint;
     rank 0 (the one that reports) is killed and the new group resumes from the bucket."""
-    from tests.acceptance.test_recovery import wait_until
     from workers import storage
 
     for key, value in s3_env.items():  # this process reads the bucket too
         monkeypatch.setenv(key, value)
     bucket = make_bucket(s3_env, "orch-distributed")
-    job_id = submit(orch_env, SPECS["clm"], *TWO_WORKERS, "--set", "training.max_steps=30",
-                    "--set", "training.save_steps=4", "--set", "training.eval_steps=4",
-                    "--set", "retries=1", "--set", f"checkpoints.storage={bucket}/team")
-    wait_until(lambda: orch_store.checkpoints(job_id), 300, "the first checkpoint")
-    rank0 = int(re.search(r"rank 0 on node \S+ \S+ \(pid (\d+)\)",
-                          running_event(orch_store, job_id)).group(1))
-    os.kill(rank0, signal.SIGKILL)
-
-    wait_until(lambda: orch_store.get_job(job_id).state in ("succeeded", "failed"), 400, "the end")
-    job = orch_store.get_job(job_id)
-    assert job.state == "succeeded", job.error
-    assert [a.outcome for a in orch_store.attempts(job_id)] == ["succeeded"]
-    restarts = [e.reason for e in orch_store.events(job_id)
-                if "Ray Train restarted the worker group" in e.reason]
-    assert len(restarts) == 1, [e.reason for e in orch_store.events(job_id)]
+    job_id = submit(orch_env, SPECS["clm"], *RESTARTABLE, "--set", f"checkpoints.storage={bucket}/team")
+    restart = kill_rank_until_done(orch_store, job_id, rank=0)
     prefix = f"{bucket}/team/{job_id}"
     assert re.search(rf"resuming from step \d+ \({re.escape(prefix)}/checkpoints/checkpoint-\d+\)",
-                     restarts[0]), restarts[0]
-    assert max(m.step for m in orch_store.metrics(job_id, name="train_loss")) == 30
+                     restart), restart
 
     ckpts = orch_store.checkpoints(job_id)  # live ones: the last 2 (keep_last) and the best
     assert ckpts and all(c.path.startswith(prefix) for c in ckpts)
     last = next(c for c in reversed(ckpts) if c.kind == "checkpoint")
-    files = set(storage._files(last.path))
+    files = set(storage.list_files(last.path))
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "trainer_state.json"} <= files
     final = next(c for c in ckpts if c.kind == "final")
-    assert final.path == f"{prefix}/final" and "config.json" in storage._files(final.path)
+    assert final.path == f"{prefix}/final" and "config.json" in storage.list_files(final.path)
     # The node only staged them; nothing of the checkpoints is left on its disk.
+    job = orch_store.get_job(job_id)
     assert not [p for p in (Path(job.artifact_dir) / "checkpoints").rglob("*") if p.is_file()]
 
 

@@ -125,7 +125,7 @@ def test_training_uploads_checkpoints_and_resumes_from_the_bucket(bucket: str, t
     for ckpt in ckpts:  # retention deletes from the bucket what it marks deleted
         assert storage.is_complete_checkpoint(ckpt.path) == (ckpt in live and ckpt.kind == "checkpoint")
         assert ckpt.size_bytes > 0
-    assert "extra.bin" not in str(storage._files(artifacts.checkpoint(4)))
+    assert "extra.bin" not in str(storage.list_files(artifacts.checkpoint(4)))
     # The node's disk was only a staging area.
     local = Path(job.artifact_dir)
     assert not any((local / "checkpoints" / STAGING_DIR).rglob("*"))
