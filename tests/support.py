@@ -8,7 +8,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_GPUS = 2
@@ -80,3 +82,43 @@ def make_bucket(env: dict[str, str], name: str) -> str:
                           region_name=env["AWS_DEFAULT_REGION"])
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# -- the store --------------------------------------------------------------------------
+def new_job(store: Any, **overrides: Any) -> int:
+    """A queued job with plausible fields; returns its id."""
+    args: dict[str, Any] = {
+        "name": "tiny-clm", "objective": "clm", "owner": "alice",
+        "spec": {"model": "tiny", "lr": 1e-4}, "spec_yaml": "model: tiny\nlr: 1.0e-4\n",
+        "gpus": 1, "cpus": 4,
+    }
+    args.update(overrides)
+    job = store.create_job(**args)
+    assert job.id is not None
+    return int(job.id)
+
+
+def state_of(store: Any, job_id: int) -> str:
+    job = store.get_job(job_id)
+    assert job is not None
+    return str(job.state.value)
+
+
+def assert_utc(value: datetime | None) -> None:
+    assert value is not None
+    assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+
+
+def add_ckpt(store: Any, job_id: int, step: int, kind: str = "checkpoint") -> int:
+    ckpt = store.add_checkpoint(
+        job_id, attempt=1, step=step, path=f"/art/{job_id}/checkpoint-{step}",
+        size_bytes=3 * 2**30,  # > 2 GiB: needs a 64-bit column
+        metrics={"eval_loss": 1.0 / step}, kind=kind,
+    )
+    assert ckpt.id is not None
+    return int(ckpt.id)
+
+
+def flags(store: Any, job_id: int) -> list[tuple[int, bool, bool, bool]]:
+    return [(c.step, c.is_latest, c.is_best, c.deleted)
+            for c in store.checkpoints(job_id, include_deleted=True)]
