@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,122 @@ def add_ckpt(store: Any, job_id: int, step: int, kind: str = "checkpoint") -> in
 def flags(store: Any, job_id: int) -> list[tuple[int, bool, bool, bool]]:
     return [(c.step, c.is_latest, c.is_best, c.deleted)
             for c in store.checkpoints(job_id, include_deleted=True)]
+
+
+# -- a Ray stand-in for control-plane tests ---------------------------------------------
+@dataclass
+class FakeExecutor:
+    """Records what the scheduler hands to Ray; statuses are set by the test."""
+
+    statuses: dict[str, Any] = field(default_factory=dict)
+    submitted: list[str] = field(default_factory=list)
+    launches: list[Any] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    fail_submit: bool = False
+    down: bool = False  # the whole cluster is unreachable
+    log_text: str = "line 1\nTraceback: boom"
+    jobs_url: str | None = None
+
+    def submit(self, launch: Any) -> None:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        if self.fail_submit:
+            raise RuntimeError("dashboard unreachable")
+        self.submitted.append(launch.submission_id)
+        self.launches.append(launch)
+        self.statuses[launch.submission_id] = RayJobInfo(RayStatus.PENDING)
+
+    def info(self, submission: str) -> Any:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        if self.down:
+            raise ConnectionError("cluster unreachable")
+        return self.statuses.get(submission, RayJobInfo(RayStatus.MISSING))
+
+    def stop(self, submission: str) -> None:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        self.stopped.append(submission)
+        self.statuses[submission] = RayJobInfo(RayStatus.STOPPED)
+
+    def logs(self, submission: str) -> str | None:
+        return self.log_text
+
+
+# -- an attempt on an in-process control plane ------------------------------------------
+@dataclass
+class AttemptSession:
+    """One admitted job on a control plane served in this process (the real app, store and
+    scheduler; Ray replaced by FakeExecutor), and a worker client holding its attempt's
+    token: what a worker has inside a Ray Job, for tests that run the worker side here."""
+
+    store: Any
+    plane: Any
+    fake: FakeExecutor
+    http: Any
+    job_id: int
+    root: Path
+
+    def client(self, job_id: int | None = None) -> Any:
+        """A worker's client for the job's current attempt."""
+        from fastapi.testclient import TestClient
+
+        from workers.control_plane import ControlPlaneClient
+
+        wanted = job_id or self.job_id
+        launch = [x for x in self.fake.launches if x.job_id == wanted][-1]
+        return ControlPlaneClient("http://testserver", launch.token, timeout=5,
+                                  http=TestClient(self.http.app))
+
+    def admit_again(self) -> None:
+        """The scheduler admits the job's next attempt (after a retry requeued it)."""
+        self.plane.scheduler.tick()
+
+    def submit(self, spec: Any, **job: Any) -> int:
+        """Another job on the same control plane, admitted; its id."""
+        job_id = _create(self.store, spec, self.root, **job)
+        self.plane.scheduler.tick()
+        return job_id
+
+
+def _create(store: Any, spec: Any, root: Path, **job: Any) -> int:
+    created = store.create_job(
+        name=spec.name, objective=spec.objective.value, owner="tester", spec=spec.to_dict(),
+        spec_yaml="", gpus=spec.resources.gpus, cpus=spec.resources.total_cpus,
+        artifact_root=root, **job)
+    return int(created.id)
+
+
+@contextmanager
+def attempt_session(tmp_path: Path, spec: Any, *, storage_root: Path | None = None,
+                    **job: Any) -> Iterator[AttemptSession]:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.cluster import Capacity
+    from orchestrator.server import ControlPlane, create_app
+    from orchestrator.store import Store
+
+    store = Store(f"sqlite:///{tmp_path}/orch.db")
+    fake = FakeExecutor()
+    plane = ControlPlane(store, fake, Capacity(gpus=4, cpus=64, nodes=1), interval=3600)
+    root = storage_root or tmp_path / "jobs"
+    job_id = _create(store, spec, root, **job)
+    try:
+        with TestClient(create_app(plane)) as http:
+            plane.scheduler.tick()
+            yield AttemptSession(store, plane, fake, http, job_id, root)
+    finally:
+        store.close()
+
+
+def mlm_spec_dict(**training: Any) -> dict[str, Any]:
+    """A valid, path-resolved spec as the CLI sends it: the tiny BERT, 5 steps."""
+    from orchestrator.spec import build_spec
+
+    assets = REPO / "jobs" / "assets"
+    return build_spec({
+        "name": "api-test", "objective": "mlm", "model": str(assets / "models" / "bert-tiny"),
+        "dataset": {"train_files": [str(assets / "data" / "lm" / "train.jsonl")],
+                    "eval_fraction": 0.1},
+        "resources": {"gpus": 1}, "training": {"max_steps": 5, **training},
+    }).to_dict()

@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,9 +135,11 @@ def is_collective_error(exc: BaseException) -> bool:
 
 
 def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True,
-          distributed: bool = False, rank: int = 0) -> dict[str, float]:
+          distributed: bool = False, rank: int = 0, callbacks: Sequence[Any] = (),
+          flush_seconds: float = 2.0) -> dict[str, float]:
     """Run the attempt's training in this process and, on the leader, report it; returns
-    the final eval metrics. Raises on failure, after recording it when it is the job's."""
+    the final eval metrics. Raises on failure, after recording it when it is the job's.
+    `callbacks`: more Trainer callbacks; `flush_seconds`: how often metrics are sent."""
     from workers.reporting import AttemptReporter
     from workers.training import run_training
 
@@ -144,10 +147,11 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
     artifacts = storage.job_artifacts(spec.checkpoints.storage, decision.job_id,
                                       decision.artifact_dir)
     outbox = Outbox(client, remove_files=storage.remove) if leader else None
-    reporter = AttemptReporter(outbox, upload_to=artifacts.url) if outbox else None
+    reporter = (AttemptReporter(outbox, upload_to=artifacts.url, flush_seconds=flush_seconds)
+                if outbox else None)
     try:
         final_metrics = run_training(spec, artifacts.local_dir,
-                                     callbacks=[reporter] if reporter else [],
+                                     callbacks=[*([reporter] if reporter else []), *callbacks],
                                      resume_from_checkpoint=decision.resume_from,
                                      upload_to=artifacts.url)
         if reporter is None or outbox is None:
