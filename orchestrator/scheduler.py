@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator.cluster import Capacity
@@ -48,8 +49,8 @@ def _workers(job: Job) -> int:
     return int((job.spec.get("resources") or {}).get("workers") or 1)
 
 
-def usage(jobs: list[Job]) -> Usage:
-    return Usage(gpus=sum(j.gpus for j in jobs), cpus=sum(j.cpus for j in jobs))
+# The queue is read in pages of this many jobs, until the head no longer fits.
+QUEUE_PAGE = 500
 
 
 class Scheduler:
@@ -68,8 +69,19 @@ class Scheduler:
         return self.store.list_jobs(states=ACTIVE_STATES)
 
     def free(self) -> Usage:
-        used = usage(self.active_jobs())
-        return Usage(self.capacity.gpus - used.gpus, self.capacity.cpus - used.cpus)
+        by_owner = self.store.usage().values()
+        return Usage(self.capacity.gpus - sum(g for g, _ in by_owner),
+                     self.capacity.cpus - sum(c for _, c in by_owner))
+
+    def queue(self) -> Iterator[Job]:
+        """The queue in admission order, read a page at a time."""
+        after: tuple[int, int] | None = None
+        while True:
+            page = self.store.queued_jobs(limit=QUEUE_PAGE, after=after)
+            yield from page
+            if len(page) < QUEUE_PAGE:
+                return
+            after = (page[-1].priority, int(page[-1].id or 0))
 
     def never_fits(self, gpus: int, cpus: int) -> str | None:
         """Why a job of this size can never run on this cluster, or None."""
@@ -114,10 +126,7 @@ class Scheduler:
                 "object-store URL such as s3://bucket/prefix")
 
     def _owner_gpus(self) -> Counter[str]:
-        held: Counter[str] = Counter()
-        for job in self.active_jobs():
-            held[job.owner] += job.gpus
-        return held
+        return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
 
     def _capped(self, job: Job, held: Counter[str]) -> bool:
         return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
@@ -131,8 +140,11 @@ class Scheduler:
         if self.unreachable_since is not None:
             down = time.monotonic() - self.unreachable_since
             return f"waiting for the Ray cluster, unreachable for {down:.0f}s"
-        queue = [j for j in self.store.queued_jobs() if not self._capped(j, held)]
-        ahead = next((i for i, j in enumerate(queue) if j.id == job.id), 0)
+        ahead = 0
+        for queued in self.queue():
+            if queued.id == job.id:
+                break
+            ahead += 0 if self._capped(queued, held) else 1
         free = self.free()
         parts = []
         if job.gpus > free.gpus:
@@ -156,7 +168,7 @@ class Scheduler:
         free = self.free()
         held = self._owner_gpus()
         chosen: list[Job] = []
-        for job in self.store.queued_jobs():
+        for job in self.queue():
             if self._capped(job, held):
                 continue  # waits for its owner's own jobs; does not hold up anyone else
             if job.gpus > free.gpus or job.cpus > free.cpus:

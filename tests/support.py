@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -242,3 +243,46 @@ def mlm_spec_dict(**training: Any) -> dict[str, Any]:
                     "eval_fraction": 0.1},
         "resources": {"gpus": 1}, "training": {"max_steps": 5, **training},
     }).to_dict()
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """Serve an ASGI app over real HTTP on 127.0.0.1 (a free port) from a thread of this
+    process, for workers in other processes to reach; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def assert_each_live_loss_once(store: Any, job_id: int) -> list[int]:
+    """No train_loss step is counted twice after a resume; returns the live steps."""
+    steps = Counter(m.step for m in store.metrics(job_id, name="train_loss"))
+    assert not {s: n for s, n in steps.items() if n > 1}, steps
+    return sorted(steps)

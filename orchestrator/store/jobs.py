@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -141,12 +141,28 @@ class JobsStore(StoreBase):
         with self._read() as session:
             return list(session.scalars(query))
 
-    def queued_jobs(self) -> list[Job]:
-        """The queue in scheduling order: priority high to low, then first come first."""
-        query = (select(Job).where(col(Job.state) == JobState.QUEUED)
-                 .order_by(col(Job.priority).desc(), col(Job.id).asc()))
+    def queued_jobs(self, limit: int | None = None,
+                    after: tuple[int, int] | None = None) -> list[Job]:
+        """The queue in scheduling order: priority high to low, then first come first.
+        Paged: `limit` jobs after the (priority, id) position `after` (an index range scan
+        on ix_jobs_queue, so a page costs the same however long the queue is)."""
+        query = select(Job).where(col(Job.state) == JobState.QUEUED)
+        if after is not None:
+            priority, job_id = after
+            query = query.where((col(Job.priority) < priority)
+                                | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
+        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc())
+        if limit is not None:
+            query = query.limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """owner -> (GPUs, CPUs) their pending and running jobs hold: one aggregate query."""
+        query = (select(Job.owner, func.sum(Job.gpus), func.sum(Job.cpus))
+                 .where(col(Job.state).in_(list(ACTIVE_STATES))).group_by(col(Job.owner)))
+        with self._read() as session:
+            return {owner: (int(g or 0), int(c or 0)) for owner, g, c in session.execute(query)}
 
     def update_job(self, job_id: int, **fields: Any) -> None:
         """Set non-state bookkeeping fields (e.g. ray_submission_id, error)."""

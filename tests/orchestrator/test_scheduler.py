@@ -305,3 +305,17 @@ def test_a_failed_submission_requeues_the_rest_of_the_tick(store: Store, fake: F
     assert state(store, first) == JobState.PENDING and state(store, second) == JobState.QUEUED
     assert [a.outcome for a in store.attempts(second)] == [AttemptOutcome.NOT_STARTED]
     assert sched.unreachable_since is not None
+
+
+def test_the_queue_is_read_in_pages_in_admission_order(store: Store, fake: FakeExecutor,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "QUEUE_PAGE", 2)
+    sched = Scheduler(store, fake, Capacity(gpus=3, cpus=64, nodes=1))
+    jobs = [add_job(store, gpus=1, priority=p) for p in (0, 5, 0, 5, 1)]
+    assert [j.id for j in sched.queue()] == [jobs[1], jobs[3], jobs[4], jobs[0], jobs[2]]
+    sched.tick()  # three GPUs: the three highest, across two pages
+    assert [state(store, j) for j in jobs] == ["queued", "pending", "queued", "pending", "pending"]
+    assert sched.wait_reason(store.get_job(jobs[2])) == (  # type: ignore[arg-type]
+        "waiting for 1 GPU: 0 free, 1 job ahead")
