@@ -82,6 +82,10 @@ class Settings(BaseSettings):
         description="the interpreter Ray Jobs run on the cluster; default the server's own")
 
     # -- the control plane's policy ---------------------------------------------------------
+    auth: Literal["local", "users"] = Field(
+        "local", json_schema_extra=_used_by("server"),
+        description="`local`: one person, the token in `$ORCH_HOME/api_token`; `users`: a "
+                    "team server, every request needs a user's token (`orch server --auth`)")
     executor: Literal["ray", "noop"] = Field(
         "ray", json_schema_extra=_used_by("server"),
         description="`ray`, or `noop` to measure the control plane alone (jobs succeed at "
