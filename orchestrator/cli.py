@@ -15,10 +15,22 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.client import Client, OrchError
+from orchestrator.api import (
+    CancelResponse,
+    CheckpointsResponse,
+    ClusterInfo,
+    JobDetail,
+    JobSummary,
+    LogsResponse,
+    MetricsResponse,
+)
+from orchestrator.client import Client, dump
+from orchestrator.errors import OrchError
+from orchestrator.models import AttemptOutcome
 from orchestrator.spec import SpecError, load_spec
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -34,7 +46,7 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (SpecError, OrchError) as exc:
+        except OrchError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -51,6 +63,8 @@ def output_option(fn: F) -> F:
 
 
 def print_json(data: Any) -> None:
+    if not isinstance(data, (dict, str, int, float)) and data is not None:
+        data = dump(data)
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -104,17 +118,17 @@ def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool)
     spec, text = load_spec(spec_file, overrides)
     spec_yaml = text + "".join(f"\n# --set {o}" for o in overrides)
     client = Client()
-    job = client.post("/jobs", {"spec": spec.to_dict(), "spec_yaml": spec_yaml})
+    job = client.post_as(JobSummary, "/jobs", {"spec": spec.to_dict(), "spec_yaml": spec_yaml})
     if quiet:
-        click.echo(job["id"])
+        click.echo(job.id)
     else:
-        click.echo(f"submitted job {job['id']} ({job['name']}, {job['state']})")
+        click.echo(f"submitted job {job.id} ({job.name}, {job.state.value})")
     if wait:
-        final = _follow(client, job["id"])
-        sys.exit(0 if final["state"] == "succeeded" else 1)
+        final = _follow(client, job.id)
+        sys.exit(0 if final.state == "succeeded" else 1)
 
 
-def _follow(client: Client, job_id: int) -> dict[str, Any]:
+def _follow(client: Client, job_id: int) -> JobDetail:
     """Show live progress until the job ends; return its final status."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
@@ -122,21 +136,21 @@ def _follow(client: Client, job_id: int) -> dict[str, Any]:
         task = progress.add_task(f"job {job_id}", total=None, info="")
         try:
             while True:
-                status = client.get(f"/jobs/{job_id}")
-                metrics = status["metrics"]
-                total = metrics.get("total_steps", {}).get("value")
-                step = max((m["step"] for m in metrics.values()), default=0)
-                loss = metrics.get("train_loss", {}).get("value")
-                info = status["state"]
-                if status["state"] == "queued" and status.get("wait_reason"):
-                    info += f": {status['wait_reason']}"
+                status = client.get_as(JobDetail, f"/jobs/{job_id}")
+                metrics = status.metrics
+                total = metrics["total_steps"].value if "total_steps" in metrics else None
+                step = max((m.step for m in metrics.values()), default=0)
+                loss = metrics["train_loss"].value if "train_loss" in metrics else None
+                info = status.state.value
+                if status.state == "queued" and status.wait_reason:
+                    info += f": {status.wait_reason}"
                 if loss is not None:
                     info += f"  loss {loss:.4f}"
                 progress.update(task, total=int(total) if total else None,
-                                completed=step, info=info)
-                if status["state"] in TERMINAL:
+                                completed=step, info=escape(info))
+                if status.state.is_terminal:
                     break
-                time.sleep(0.5)
+                time.sleep(1.0)
         except KeyboardInterrupt:
             err.print(f"stopped following; job {job_id} keeps running "
                       f"(orch cancel {job_id} stops it)")
@@ -145,34 +159,33 @@ def _follow(client: Client, job_id: int) -> dict[str, Any]:
     return status
 
 
-def _print_result(status: dict[str, Any]) -> None:
-    state = status["state"]
-    evals = {k: v["value"] for k, v in status["metrics"].items() if k.startswith("eval_")
+def _print_result(status: JobDetail) -> None:
+    evals = {k: v.value for k, v in status.metrics.items() if k.startswith("eval_")
              and not k.endswith(("runtime", "per_second"))}
     summary = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(evals.items()))
-    err.print(f"job {status['id']} {_state(state)}" + (f": {summary}" if summary else ""))
-    if state == "succeeded":
-        err.print(f"artifacts: {status['artifact_dir']}")
-    elif status.get("error"):
-        err.print(f"[red]error:[/] {status['error']}", highlight=False)
+    err.print(f"job {status.id} {_state(status.state.value)}" + (f": {summary}" if summary else ""))
+    if status.state == "succeeded":
+        err.print(f"artifacts: {escape(status.artifact_dir)}")
+    elif status.error:
+        err.print(f"[red]error:[/] {escape(status.error)}", highlight=False)
 
 
 # -- inspection -----------------------------------------------------------------------------
 @cli.command("list")
 @click.option("--state", help="only these states, comma separated (e.g. running,queued)")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @output_option
 @friendly_errors
 def list_jobs(state: str | None, limit: int, output: str) -> None:
     """List jobs, newest first."""
-    jobs = Client().get("/jobs", state=state, limit=limit)
+    jobs = Client().get_as(list[JobSummary], "/jobs", state=state, limit=limit)
     if output == "json":
         return print_json(jobs)
     table = Table("id", "name", "objective", "state", "owner", "gpus", "created", "error")
     for j in jobs:
-        table.add_row(str(j["id"]), j["name"], j["objective"], _state(j["state"]), j["owner"],
-                      str(j["gpus"]), (j["created_at"] or "")[:19],
-                      (j["error"] or "").splitlines()[0][:60] if j["error"] else "")
+        table.add_row(str(j.id), escape(j.name), j.objective, _state(j.state.value),
+                      escape(j.owner), str(j.gpus), j.created_at.isoformat()[:19],
+                      escape(j.error.splitlines()[0][:60]) if j.error else "")
     out.print(table)
 
 
@@ -182,36 +195,40 @@ def list_jobs(state: str | None, limit: int, output: str) -> None:
 @friendly_errors
 def status(job_id: int, output: str) -> None:
     """Show a job: state (and why it waits), progress, latest metrics, history."""
-    data = Client().get(f"/jobs/{job_id}")
+    data = Client().get_as(JobDetail, f"/jobs/{job_id}")
     if output == "json":
         return print_json(data)
-    out.print(f"[bold]job {data['id']}[/] {data['name']} ({data['objective']}) "
-              f"{_state(data['state'])}", highlight=False)
-    if data.get("wait_reason"):
-        out.print(f"  waiting: {data['wait_reason']}")
-    out.print(f"  owner {data['owner']}, {data['gpus']} GPU(s), {data['cpus']} CPU(s), "
-              f"attempt {data['attempts']} of at most {data['max_attempts']}, "
-              f"artifacts {data['artifact_dir']}", highlight=False)
-    if data.get("parent_job_id"):
-        out.print(f"  resumes job {data['parent_job_id']} from {data['resume_from']}",
+    out.print(f"[bold]job {data.id}[/] {escape(data.name)} ({data.objective}) "
+              f"{_state(data.state.value)}", highlight=False)
+    if data.wait_reason:
+        out.print(f"  waiting: {escape(data.wait_reason)}", highlight=False)
+    # Retries count only attempts lost to an infrastructure failure; an attempt Ray never
+    # started does not use one up.
+    retried = sum(a.outcome == AttemptOutcome.RETRIED for a in data.attempt_history)
+    out.print(f"  owner {escape(data.owner)}, {data.gpus} GPU(s), {data.cpus} CPU(s), "
+              f"attempt {data.attempts}, retries used {retried} of {data.max_attempts - 1}, "
+              f"artifacts {escape(data.artifact_dir)}", highlight=False)
+    if data.parent_job_id:
+        out.print(f"  resumes job {data.parent_job_id} from {escape(data.resume_from or '')}",
                   highlight=False)
-    if data.get("error"):
-        out.print(f"  [red]error:[/] {data['error']}", highlight=False)
-    if data["metrics"]:
+    if data.error:
+        out.print(f"  [red]error:[/] {escape(data.error)}", highlight=False)
+    if data.metrics:
         table = Table("metric", "step", "value", title="latest metrics")
-        for name, m in sorted(data["metrics"].items()):
-            table.add_row(name, str(m["step"]), _fmt(m["value"]))
+        for name, m in sorted(data.metrics.items()):
+            table.add_row(escape(name), str(m.step), _fmt(m.value))
         out.print(table)
-    if len(data["attempt_history"]) > 1 or any(a["cause"] for a in data["attempt_history"]):
+    if len(data.attempt_history) > 1 or any(a.cause for a in data.attempt_history):
         table = Table("attempt", "Ray job", "started", "ended", "outcome", "cause", title="attempts")
-        for a in data["attempt_history"]:
-            table.add_row(str(a["attempt"]), a["ray_submission_id"], a["started_at"][:19],
-                          (a["ended_at"] or "")[:19], a["outcome"],
-                          (a["cause"] or "").splitlines()[0][:80] if a["cause"] else "")
+        for a in data.attempt_history:
+            table.add_row(str(a.attempt), a.ray_submission_id, a.started_at.isoformat()[:19],
+                          a.ended_at.isoformat()[:19] if a.ended_at else "", a.outcome.value,
+                          escape(a.cause.splitlines()[0][:80]) if a.cause else "")
         out.print(table)
-    table = Table("at", "from", "to", "reason", title="history")
-    for e in data["events"]:
-        table.add_row(e["at"][:19], e["from"] or "", e["to"], e["reason"])
+    table = Table("at", "from", "to", "by", "reason", title="history")
+    for e in data.events:
+        table.add_row(e.at.isoformat()[:19], e.from_state.value if e.from_state else "",
+                      e.to_state.value, escape(str(e.details.get("user", ""))), escape(e.reason))
     out.print(table)
 
 
@@ -225,17 +242,19 @@ def status(job_id: int, output: str) -> None:
 @friendly_errors
 def metrics(job_id: int, name: str | None, include_superseded: bool, output: str) -> None:
     """Metrics a job recorded, by step."""
-    data = Client().get(f"/jobs/{job_id}/metrics", name=name, all=include_superseded or None)
+    data = Client().get_as(MetricsResponse, f"/jobs/{job_id}/metrics", name=name,
+                           all=include_superseded or None)
     if output == "json":
         return print_json(data)
-    names = sorted({m["name"] for m in data["metrics"]})
+    names = sorted({m.name for m in data.metrics})
     # With --all a superseded value and the one that replaced it share a step, even an
     # attempt (Ray Train restarted the worker group): a row each, the superseded one first.
     rows: dict[tuple[int, ...], dict[str, float]] = {}
-    for m in data["metrics"]:
-        key = (m["step"], m["attempt"], not m["superseded"]) if include_superseded else (m["step"],)
-        rows.setdefault(key, {})[m["name"]] = m["value"]
-    table = Table("step", *(("attempt", "superseded") if include_superseded else ()), *names)
+    for m in data.metrics:
+        key = (m.step, m.attempt, not m.superseded) if include_superseded else (m.step,)
+        rows.setdefault(key, {})[m.name] = m.value
+    table = Table("step", *(("attempt", "superseded") if include_superseded else ()),
+                  *(escape(n) for n in names))
     for key, values in sorted(rows.items()):
         marks = [str(key[1]), "" if key[2] else "*"] if include_superseded else []
         table.add_row(str(key[0]), *marks, *(_fmt(values.get(n)) for n in names))
@@ -249,16 +268,17 @@ def metrics(job_id: int, name: str | None, include_superseded: bool, output: str
 @friendly_errors
 def checkpoints(job_id: int, include_deleted: bool, output: str) -> None:
     """Checkpoints and the final model a job produced."""
-    data = Client().get(f"/jobs/{job_id}/checkpoints", all=include_deleted or None)
+    data = Client().get_as(CheckpointsResponse, f"/jobs/{job_id}/checkpoints",
+                           all=include_deleted or None)
     if output == "json":
         return print_json(data)
     table = Table("step", "kind", "best", "latest", "size MB", "metrics", "path")
-    for c in data["checkpoints"]:
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c["metrics"].items())
+    for c in data.checkpoints:
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c.metrics.items())
                           if k in ("eval_loss", "eval_rougeL", "eval_perplexity", "eval_accuracy"))
-        table.add_row(str(c["step"]), c["kind"] + (" (deleted)" if c["deleted"] else ""),
-                      "*" if c["is_best"] else "", "*" if c["is_latest"] else "",
-                      f"{c['size_bytes'] / 1e6:.1f}", shown, c["path"])
+        table.add_row(str(c.step), c.kind.value + (" (deleted)" if c.deleted else ""),
+                      "*" if c.is_best else "", "*" if c.is_latest else "",
+                      f"{c.size_bytes / 1e6:.1f}", shown, escape(c.path))
     out.print(table)
 
 
@@ -271,12 +291,12 @@ def logs(job_id: int, follow: bool) -> None:
     client = Client()
     offset = 0
     while True:
-        data = client.get(f"/jobs/{job_id}/logs", offset=offset)
-        click.echo(data["text"], nl=False)
-        offset = data["offset"]
-        if not follow or data["state"] in TERMINAL:
+        data = client.get_as(LogsResponse, f"/jobs/{job_id}/logs", offset=offset)
+        click.echo(data.text, nl=False)
+        offset = data.offset
+        if not follow or data.state.is_terminal:
             break
-        time.sleep(1)
+        time.sleep(2.0)
 
 
 @cli.command()
@@ -284,9 +304,9 @@ def logs(job_id: int, follow: bool) -> None:
 @friendly_errors
 def cancel(job_id: int) -> None:
     """Cancel a job: a queued one never starts, a running one is stopped."""
-    data = Client().post(f"/jobs/{job_id}/cancel")
-    click.echo(data["message"])
-    if not data["cancelled"]:
+    data = Client().post_as(CancelResponse, f"/jobs/{job_id}/cancel")
+    click.echo(data.message)
+    if not data.cancelled:
         sys.exit(1)
 
 
@@ -297,11 +317,11 @@ def cancel(job_id: int) -> None:
 def resume(job_id: int, wait: bool) -> None:
     """Continue a failed or cancelled job from its latest checkpoint, as a new job."""
     client = Client()
-    job = client.post(f"/jobs/{job_id}/resume")
-    click.echo(f"submitted job {job['id']} (resumes job {job_id} from {job['resume_from']})")
+    job = client.post_as(JobSummary, f"/jobs/{job_id}/resume")
+    click.echo(f"submitted job {job.id} (resumes job {job_id} from {job.resume_from})")
     if wait:
-        final = _follow(client, job["id"])
-        sys.exit(0 if final["state"] == "succeeded" else 1)
+        final = _follow(client, job.id)
+        sys.exit(0 if final.state == "succeeded" else 1)
 
 
 # -- lifecycle ------------------------------------------------------------------------------
@@ -313,18 +333,15 @@ def up(num_gpus: int | None, num_cpus: int | None) -> None:
     """Start the local Ray cluster and control plane (submit does this on demand)."""
     from orchestrator import cluster
     from orchestrator.client import start_local_server
-    from orchestrator.config import executor_kind
+    from orchestrator.settings import get_settings
 
     tgt = cluster.target()
-    try:
-        if tgt.local and executor_kind() == "ray":
-            cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus)
-    except (cluster.ClusterError, ValueError) as exc:
-        raise OrchError(str(exc)) from None
+    if tgt.local and get_settings().executor == "ray":
+        cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus)
     url = start_local_server()
-    info = Client(url=url).get("/cluster")
-    click.echo(f"orch is up: server {url}, Ray {info['jobs_url'] or 'none (no-op executor)'} "
-               f"({info['gpus']} GPUs, {info['cpus']} CPUs, {info['nodes']} node(s))")
+    info = Client(url=url).get_as(ClusterInfo, "/cluster")
+    click.echo(f"orch is up: server {url}, Ray {info.jobs_url or 'none (no-op executor)'} "
+               f"({info.gpus} GPUs, {info.cpus} CPUs, {info.nodes} node(s))")
 
 
 @cli.command()
@@ -345,6 +362,7 @@ def down(keep_ray: bool) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=None, type=int, help="default: $ORCH_SERVER_PORT or 8770")
+@friendly_errors
 def server(host: str, port: int | None) -> None:
     """Run the control plane in the foreground (the CLI starts one on demand)."""
     from orchestrator.client import local_port

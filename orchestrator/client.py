@@ -15,37 +15,48 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, TypeAdapter
 
-from orchestrator.config import orch_home
+from orchestrator.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    OrchError,
+    ServerUnreachable,
+    SpecError,
+    Unauthorized,
+)
+from orchestrator.settings import get_settings
 
-
-class OrchError(RuntimeError):
-    """An error to show the user as one line (no traceback)."""
+T = TypeVar("T")
+_BY_STATUS: dict[int, type[OrchError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound,
+                                           409: Conflict, 422: InvalidRequest}
 
 
 def local_port() -> int:
-    return int(os.environ.get("ORCH_SERVER_PORT", "8770"))
+    return get_settings().server_port
 
 
 def local_url() -> str:
-    return f"http://127.0.0.1:{local_port()}"
+    return get_settings().local_server_url()
 
 
 def _pid_file() -> Path:
-    return orch_home() / "server.pid"
+    return get_settings().home_dir() / "server.pid"
 
 
 def server_log() -> Path:
-    return orch_home() / "server.log"
+    return get_settings().home_dir() / "server.log"
 
 
 def _health(url: str, timeout: float = 2) -> str:
     """"up", "down" (nothing listens) or "busy" (something listens but is slow)."""
     try:
-        ok = httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+        ok = http().get(f"{url}/health", timeout=timeout).status_code == 200
     except httpx.ConnectError:
         return "down"
     except httpx.HTTPError:
@@ -75,8 +86,7 @@ def start_local_server(timeout: float = 120) -> str:
     url = local_url()
     if _health(url) == "up":
         return url
-    home = orch_home()
-    home.mkdir(parents=True, exist_ok=True)
+    home = get_settings().home_dir()
     deadline = time.monotonic() + timeout
     # One starter at a time: many CLIs racing on a cold machine start one server.
     with (home / "server.lock").open("w") as lock:
@@ -97,9 +107,10 @@ def start_local_server(timeout: float = 120) -> str:
             if proc is not None and proc.poll() is not None:
                 _pid_file().unlink(missing_ok=True)
                 tail = server_log().read_text(errors="replace")[-1200:]
-                raise OrchError(f"the local orch server exited while starting; log {server_log()}:\n{tail}")
+                raise ServerUnreachable(f"the local orch server exited while starting; log "
+                                        f"{server_log()}:\n{tail}")
             time.sleep(0.2)
-    raise OrchError(f"the local orch server did not answer within {timeout:.0f}s; see {server_log()}")
+    raise ServerUnreachable(f"the local orch server did not answer within {timeout:.0f}s; see {server_log()}")
 
 
 def stop_local_server(timeout: float = 20) -> bool:
@@ -126,14 +137,29 @@ def stop_local_server(timeout: float = 20) -> bool:
     return True
 
 
+_HTTP: httpx.Client | None = None
+
+
+def http() -> httpx.Client:
+    """One HTTP client (one connection pool) per CLI process."""
+    global _HTTP
+    if _HTTP is None:
+        _HTTP = httpx.Client(timeout=120)
+    return _HTTP
+
+
 class Client:
+    """The control plane's API, for the CLI: typed answers (orchestrator.api), and an
+    OrchError with the server's one-line reason when it refuses."""
+
     def __init__(self, url: str | None = None, token: str | None = None,
                  user: str | None = None) -> None:
-        configured = os.environ.get("ORCH_SERVER_URL")
+        settings = get_settings()
+        configured = settings.server_url
         self.url = (url or configured or "").rstrip("/")
         self._managed = not (url or configured)
-        self.token = token or os.environ.get("ORCH_API_TOKEN")
-        self.user = user or os.environ.get("ORCH_USER") or getpass.getuser()
+        self.token = token or settings.api_token
+        self.user = user or settings.user or getpass.getuser()
 
     def _base(self) -> str:
         if not self.url:
@@ -146,18 +172,19 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         base = self._base()
         try:
-            response = httpx.request(method, f"{base}{path}", headers=headers, timeout=120,
-                                     **kwargs)
+            response = http().request(method, f"{base}{path}", headers=headers, **kwargs)
         except httpx.HTTPError as exc:
-            raise OrchError(f"cannot reach the orch server at {base} ({exc})") from None
+            raise ServerUnreachable(f"cannot reach the orch server at {base} ({exc})") from None
         if response.status_code >= 400:
             try:
                 body = response.json()
             except ValueError:
                 body = {"detail": response.text}
-            problems = body.get("problems")
-            detail = "; ".join(problems) if problems else body.get("detail", response.text)
-            raise OrchError(str(detail))
+            problems = body.get("problems") if isinstance(body, dict) else None
+            detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
+            if problems and response.status_code == 422:
+                raise SpecError(problems)
+            raise _BY_STATUS.get(response.status_code, OrchError)(str(detail))
         return response.json()
 
     def get(self, path: str, **params: Any) -> Any:
@@ -165,3 +192,19 @@ class Client:
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, json=body or {})
+
+    def get_as(self, kind: type[T], path: str, **params: Any) -> T:
+        """GET, the answer validated as `kind` (an api model, or e.g. list[JobSummary])."""
+        return _adapter(kind).validate_python(self.get(path, **params))
+
+    def post_as(self, kind: type[T], path: str, body: dict[str, Any] | None = None) -> T:
+        return _adapter(kind).validate_python(self.post(path, body))
+
+
+def _adapter(kind: type[T]) -> TypeAdapter[T]:
+    return TypeAdapter(kind)
+
+
+def dump(value: BaseModel | list[Any]) -> Any:
+    """An api model (or list of them) as the JSON `-o json` prints: the API's own keys."""
+    return TypeAdapter(type(value)).dump_python(value, mode="json", by_alias=True)

@@ -23,11 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from orchestrator.config import orch_home
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached or started."""
+from orchestrator.errors import ClusterError
+from orchestrator.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -37,11 +34,11 @@ class ClusterTarget:
 
 
 def ray_port() -> int:
-    return int(os.environ.get("ORCH_RAY_PORT", "6390"))
+    return get_settings().ray_port
 
 
 def dashboard_port() -> int:
-    return int(os.environ.get("ORCH_RAY_DASHBOARD_PORT", "8265"))
+    return get_settings().ray_dashboard_port
 
 
 def gcs_address() -> str:
@@ -52,7 +49,7 @@ def gcs_address() -> str:
 
 
 def token_path() -> Path:
-    return orch_home() / "ray" / "auth_token"
+    return get_settings().home_dir() / "ray" / "auth_token"
 
 
 def target() -> ClusterTarget:
@@ -110,16 +107,16 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
     if is_up(tgt.jobs_url):
         return tgt
     _ensure_token()
-    num_cpus = num_cpus if num_cpus is not None else _env_int("ORCH_RAY_NUM_CPUS")
-    num_gpus = num_gpus if num_gpus is not None else _env_int("ORCH_RAY_NUM_GPUS")
+    num_cpus = num_cpus if num_cpus is not None else get_settings().ray_num_cpus
+    num_gpus = num_gpus if num_gpus is not None else get_settings().ray_num_gpus
     cmd = [
         _ray_bin(), "start", "--head",
         f"--port={ray_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port()}",
         # Ray's other fixed ports, settable so that two local clusters can share a machine.
-        f"--ray-client-server-port={os.environ.get('ORCH_RAY_CLIENT_PORT', '10001')}",
-        f"--dashboard-agent-listen-port={os.environ.get('ORCH_RAY_AGENT_PORT', '52365')}",
+        f"--ray-client-server-port={get_settings().ray_client_port}",
+        f"--dashboard-agent-listen-port={get_settings().ray_agent_port}",
         "--disable-usage-stats",
     ]
     if num_cpus is not None:
@@ -130,7 +127,7 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
         cmd.append(f"--num-gpus={num_gpus}")
     env = {**os.environ, **auth_env()}
     env.pop("RAY_ADDRESS", None)
-    log = orch_home() / "ray" / "ray-start.log"
+    log = get_settings().home_dir() / "ray" / "ray-start.log"
     with log.open("w") as out:
         proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0 or not is_up(tgt.jobs_url, timeout=10):
@@ -176,11 +173,6 @@ def stop_local(timeout: float = 15.0) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,25 @@
 
 Each attempt of a job is one Ray Job with a deterministic submission id
 (`orch-<job id>-<attempt>`), so a control plane that restarts can find its jobs again.
-The Ray Job's driver (`workers.driver`) starts the GPU-scheduled worker actor.
+The Ray Job's driver (`workers.driver`) starts the GPU-scheduled worker actor, or a Ray
+Train worker group for a data-parallel job.
+
+What a Ray Job carries is visible to anyone who can read the cluster's job list, so its
+environment holds no database URL and no user's credential: only the server's URL and the
+attempt's own token, which can report on that attempt and nothing else.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Protocol
 
 from orchestrator import cluster
-from orchestrator.config import database_url, orch_home
+from orchestrator.settings import Settings, get_settings
+from orchestrator.store import Claimed
 
 
 class RayStatus(str, Enum):
@@ -38,74 +42,70 @@ class RayJobInfo:
     message: str = ""
 
 
-def submission_id(job_id: int, attempt: int) -> str:
-    return f"orch-{job_id}-{attempt}"
+@dataclass(frozen=True)
+class Launch:
+    """One attempt to hand to Ray."""
 
+    job_id: int
+    attempt: int
+    submission_id: str
+    gpus: int
+    cpus: int  # the whole job's
+    workers: int
+    token: str  # the attempt's worker token (plain, this once)
 
-def attempt_log(artifact_dir: str | Path, attempt: int) -> Path:
-    """Where an attempt's driver and worker output is kept (durable, outlives Ray)."""
-    return Path(artifact_dir) / "logs" / f"attempt-{attempt}.log"
-
-
-def read_job_logs(artifact_dir: str | Path) -> str | None:
-    """All attempts' logs of a job, oldest attempt first; None when none were written."""
-    files = sorted(Path(artifact_dir, "logs").glob("attempt-*.log"),
-                   key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
-        return None
-    parts = []
-    for path in files:
-        parts.append(f"===== {path.stem} =====\n")
-        parts.append(path.read_text(errors="replace"))
-    return "".join(parts)
+    @classmethod
+    def of(cls, claim: Claimed, workers: int) -> Launch:
+        return cls(job_id=claim.job_id, attempt=claim.attempt,
+                   submission_id=claim.submission_id, gpus=claim.gpus, cpus=claim.cpus,
+                   workers=workers, token=claim.token)
 
 
 class Executor(Protocol):
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
-               log_file: str | None = None) -> str: ...
+    def submit(self, launch: Launch) -> None: ...
     def info(self, submission: str) -> RayJobInfo: ...
     def stop(self, submission: str) -> None: ...
     def logs(self, submission: str) -> str | None: ...
 
 
-# Variables passed on to the driver and workers: where the store is, and offline settings.
+# Passed on to the driver and workers: offline settings and the model cache.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")
 
 
 class RayJobsExecutor:
-    def __init__(self, jobs_url: str | None = None) -> None:
+    def __init__(self, jobs_url: str | None = None, server_url: str | None = None,
+                 settings: Settings | None = None) -> None:
         from ray.job_submission import JobSubmissionClient
 
+        self.settings = settings or get_settings()
         cluster.apply_auth_env()
         self.jobs_url = jobs_url or cluster.target().jobs_url
         self.client = JobSubmissionClient(self.jobs_url)
+        # Where the workers report to.
+        self.server_url = (server_url or self.settings.advertised_url
+                           or self.settings.local_server_url())
         # The entrypoint runs with the cluster's environment, not ours: name the interpreter.
-        self.python = os.environ.get("ORCH_WORKER_PYTHON", sys.executable)
+        self.python = self.settings.worker_python or sys.executable
 
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
-               log_file: str | None = None) -> str:
-        sid = submission_id(job_id, attempt)
-        env = {
-            "ORCH_DATABASE_URL": os.environ.get("ORCH_WORKER_DATABASE_URL", database_url()),
-            "ORCH_HOME": str(orch_home()),
-            "PYTHONUNBUFFERED": "1",
-        }
+    def submit(self, launch: Launch) -> None:
+        env = {"ORCH_SERVER_URL": self.server_url, "ORCH_ATTEMPT_TOKEN": launch.token,
+               "PYTHONUNBUFFERED": "1"}
         env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
         if cluster.target().local:
             # Ray points a job's driver at the cluster named in /tmp/ray/ray_current_cluster:
             # the most recently started one on the machine, not necessarily ours. Name ours.
             env["ORCH_RAY_GCS_ADDRESS"] = cluster.gcs_address()
+        per_worker_cpus = max(1, launch.cpus // max(1, launch.workers))
         self.client.submit_job(
-            entrypoint=(f"{self.python} -m workers.driver --job-id {job_id} --attempt {attempt}"
-                        f" --gpus {gpus} --cpus {cpus}"
-                        + (f" --log-file {shlex.quote(log_file)}" if log_file else "")),
-            submission_id=sid,
+            entrypoint=(f"{self.python} -m workers.driver --job-id {launch.job_id} "
+                        f"--attempt {launch.attempt} --gpus {launch.gpus} "
+                        f"--cpus {per_worker_cpus} --workers {launch.workers}"),
+            submission_id=launch.submission_id,
             runtime_env={"env_vars": env},
-            # The driver only starts the worker actor; the actor holds the GPUs and CPUs.
+            # The driver only starts the workers; they hold the GPUs and CPUs.
             entrypoint_num_cpus=0,
-            metadata={"orch_job_id": str(job_id), "orch_attempt": str(attempt)},
+            metadata={"orch_job_id": str(launch.job_id), "orch_attempt": str(launch.attempt)},
         )
-        return sid
 
     def info(self, submission: str) -> RayJobInfo:
         try:

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
+
+from orchestrator.states import JobState
 
 
 def utcnow() -> datetime:
@@ -41,6 +44,51 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
+class AttemptOutcome(str, Enum):
+    """How one attempt (one Ray Job) of a job ended."""
+
+    # Its Ray Job was submitted and has not ended yet.
+    RUNNING = "running"
+    # The worker trained to the end and recorded the final model.
+    SUCCEEDED = "succeeded"
+    # The job failed in this attempt: an error in the job itself, or an infrastructure
+    # failure with no retries left.
+    FAILED = "failed"
+    # A user cancelled the job while this attempt was live.
+    CANCELLED = "cancelled"
+    # An infrastructure failure (worker killed, node or cluster lost) with retries left: the
+    # job went back to the queue and the next attempt resumes from the latest checkpoint.
+    RETRIED = "retried"
+    # Ray never ran it (the submission failed or was lost before the driver started): the
+    # job went back to the queue, and this does not count against its retries.
+    NOT_STARTED = "not_started"
+
+
+class CheckpointKind(str, Enum):
+    # Resumable, mid-training: weights (or adapter), optimizer, scheduler, RNG, trainer state.
+    CHECKPOINT = "checkpoint"
+    # The trained model as a plain Hugging Face directory; not a resume point.
+    FINAL = "final"
+
+
+class EnumText(sa.TypeDecorator[Any]):
+    """A Python enum stored as its value in a plain string column (no database enum type,
+    so adding a member needs no migration), and read back as the enum member."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def __init__(self, enum: type[Enum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else self.enum(value)
+
+
 def _job_fk() -> Any:
     return Field(foreign_key="jobs.id", ondelete="CASCADE", index=True)
 
@@ -55,7 +103,7 @@ class Job(SQLModel, table=True):
     name: str
     objective: str
     owner: str
-    state: str  # a JobState value
+    state: JobState = Field(sa_type=EnumText(JobState))
     priority: int = 0
     spec: dict[str, Any] = Field(sa_type=sa.JSON)
     spec_yaml: str = Field(sa_type=sa.Text)
@@ -80,16 +128,26 @@ class JobEvent(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = _job_fk()
-    from_state: str | None = None  # None for the creation event
-    to_state: str
+    from_state: JobState | None = Field(default=None, sa_type=EnumText(JobState))  # None: created
+    to_state: JobState = Field(sa_type=EnumText(JobState))
     reason: str = Field(sa_type=sa.Text)
     at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # Structured facts about the move, for code and tests to read instead of the prose:
+    # "user" (who acted), "pid", "host", "node", "resume_step", "resume_from", "ranks", ...
+    details: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
 
 
 class Metric(SQLModel, table=True):
     __tablename__ = "metrics"
     # Covers "one metric's series of a job" and, by prefix, "all metrics of a job".
-    __table_args__ = (sa.Index("ix_metrics_job_name_step", "job_id", "name", "step"),)
+    __table_args__ = (
+        sa.Index("ix_metrics_job_name_step", "job_id", "name", "step"),
+        # At most one live value per (attempt, step, name): a worker's retried report (the
+        # control plane was down, the answer lost) is ignored instead of counted twice.
+        sa.Index("uq_metrics_live", "job_id", "attempt", "step", "name", unique=True,
+                 sqlite_where=sa.text("NOT superseded"),
+                 postgresql_where=sa.text("NOT superseded")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="jobs.id", ondelete="CASCADE")
@@ -122,6 +180,9 @@ class Checkpoint(SQLModel, table=True):
             sqlite_where=sa.text("is_latest"),
             postgresql_where=sa.text("is_latest"),
         ),
+        # One row per location: registering a path again (a retried report, or a later
+        # attempt writing the same step) updates that row instead of adding a second.
+        sa.UniqueConstraint("job_id", "path", name="uq_checkpoints_path"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -131,7 +192,8 @@ class Checkpoint(SQLModel, table=True):
     path: str
     size_bytes: int = Field(sa_type=sa.BigInteger)  # model weights exceed 2 GiB
     metrics: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
-    kind: str = "checkpoint"  # "checkpoint" (resumable, mid-training) or "final"
+    kind: CheckpointKind = Field(default=CheckpointKind.CHECKPOINT,
+                                 sa_type=EnumText(CheckpointKind))
     is_best: bool = False
     is_latest: bool = False
     deleted: bool = False  # files removed from disk by retention; the row stays as history
@@ -142,7 +204,10 @@ class Attempt(SQLModel, table=True):
     """One try at running a job: one Ray Job, from admission to its end and why."""
 
     __tablename__ = "attempts"
-    __table_args__ = (sa.UniqueConstraint("job_id", "attempt", name="uq_attempts_job_attempt"),)
+    __table_args__ = (
+        sa.UniqueConstraint("job_id", "attempt", name="uq_attempts_job_attempt"),
+        sa.UniqueConstraint("token_hash", name="uq_attempts_token_hash"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="jobs.id", ondelete="CASCADE")
@@ -150,6 +215,22 @@ class Attempt(SQLModel, table=True):
     ray_submission_id: str
     started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     ended_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    # running, succeeded, failed, cancelled, retried (an infrastructure failure, requeued)
-    outcome: str = "running"
+    outcome: AttemptOutcome = Field(default=AttemptOutcome.RUNNING,
+                                    sa_type=EnumText(AttemptOutcome))
     cause: str | None = Field(default=None, sa_type=sa.Text)
+    # sha256 of the attempt's worker token: the one credential its Ray Job carries, good for
+    # reporting on this attempt only, and only until the attempt ends (never stored plain).
+    token_hash: str | None = Field(default=None, sa_type=sa.String(64))
+
+
+class WorkerRequest(SQLModel, table=True):
+    """Reports a worker sent that must not be applied twice when it retries them (the
+    answer was lost): the key the worker chose for each, per attempt."""
+
+    __tablename__ = "worker_requests"
+    __table_args__ = (sa.UniqueConstraint("attempt_id", "key", name="uq_worker_requests_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    attempt_id: int = Field(foreign_key="attempts.id", ondelete="CASCADE")
+    key: str = Field(sa_type=sa.String(64))
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

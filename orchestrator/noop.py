@@ -6,18 +6,16 @@ admission, state transitions and the API under load. Never the default.
 
 from __future__ import annotations
 
-import os
-
 from orchestrator.cluster import Capacity
-from orchestrator.executor import RayJobInfo, RayStatus, submission_id
+from orchestrator.executor import Launch, RayJobInfo, RayStatus
+from orchestrator.models import AttemptOutcome
+from orchestrator.settings import Settings
 from orchestrator.states import JobState
 from orchestrator.store import Store
 
 
-def noop_capacity() -> Capacity:
-    """`ORCH_NOOP_GPUS` / `ORCH_NOOP_CPUS` (default: plenty)."""
-    return Capacity(gpus=int(os.environ.get("ORCH_NOOP_GPUS", "100000")),
-                    cpus=int(os.environ.get("ORCH_NOOP_CPUS", "100000")), nodes=1)
+def noop_capacity(settings: Settings) -> Capacity:
+    return Capacity(gpus=settings.noop_gpus, cpus=settings.noop_cpus, nodes=1)
 
 
 class NoopExecutor:
@@ -26,14 +24,13 @@ class NoopExecutor:
         self.finish = finish  # False: jobs stay running (they hold their resources)
         self.jobs_url = None
 
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
-               log_file: str | None = None) -> str:
-        self.store.transition(job_id, JobState.RUNNING, "no-op executor: started",
+    def submit(self, launch: Launch) -> None:
+        self.store.transition(launch.job_id, JobState.RUNNING, "no-op executor: started",
                               expected=[JobState.PENDING])
         if self.finish:
-            self.store.transition(job_id, JobState.SUCCEEDED, "no-op executor: done",
-                                  expected=[JobState.RUNNING], attempt_ended=("succeeded", None))
-        return submission_id(job_id, attempt)
+            self.store.transition(launch.job_id, JobState.SUCCEEDED, "no-op executor: done",
+                                  expected=[JobState.RUNNING],
+                                  attempt_ended=(AttemptOutcome.SUCCEEDED, None))
 
     def info(self, submission: str) -> RayJobInfo:
         return RayJobInfo(RayStatus.RUNNING)

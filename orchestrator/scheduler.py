@@ -24,11 +24,12 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator.cluster import Capacity
-from orchestrator.executor import Executor, RayStatus, attempt_log, submission_id
-from orchestrator.models import Job
+from orchestrator.executor import Executor, Launch, RayStatus
+from orchestrator.models import AttemptOutcome, Job
 from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE_STATES, JobState
 from orchestrator.store import Store
@@ -42,8 +43,14 @@ class Usage:
     cpus: int
 
 
-def usage(jobs: list[Job]) -> Usage:
-    return Usage(gpus=sum(j.gpus for j in jobs), cpus=sum(j.cpus for j in jobs))
+def _workers(job: Job) -> int:
+    """How many workers the job's spec asks for (the stored spec is validated, with the
+    default filled in)."""
+    return int((job.spec.get("resources") or {}).get("workers") or 1)
+
+
+# The queue is read in pages of this many jobs, until the head no longer fits.
+QUEUE_PAGE = 500
 
 
 class Scheduler:
@@ -62,8 +69,19 @@ class Scheduler:
         return self.store.list_jobs(states=ACTIVE_STATES)
 
     def free(self) -> Usage:
-        used = usage(self.active_jobs())
-        return Usage(self.capacity.gpus - used.gpus, self.capacity.cpus - used.cpus)
+        by_owner = self.store.usage().values()
+        return Usage(self.capacity.gpus - sum(g for g, _ in by_owner),
+                     self.capacity.cpus - sum(c for _, c in by_owner))
+
+    def queue(self) -> Iterator[Job]:
+        """The queue in admission order, read a page at a time."""
+        after: tuple[int, int] | None = None
+        while True:
+            page = self.store.queued_jobs(limit=QUEUE_PAGE, after=after)
+            yield from page
+            if len(page) < QUEUE_PAGE:
+                return
+            after = (page[-1].priority, int(page[-1].id or 0))
 
     def never_fits(self, gpus: int, cpus: int) -> str | None:
         """Why a job of this size can never run on this cluster, or None."""
@@ -108,10 +126,7 @@ class Scheduler:
                 "object-store URL such as s3://bucket/prefix")
 
     def _owner_gpus(self) -> Counter[str]:
-        held: Counter[str] = Counter()
-        for job in self.active_jobs():
-            held[job.owner] += job.gpus
-        return held
+        return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
 
     def _capped(self, job: Job, held: Counter[str]) -> bool:
         return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
@@ -125,8 +140,11 @@ class Scheduler:
         if self.unreachable_since is not None:
             down = time.monotonic() - self.unreachable_since
             return f"waiting for the Ray cluster, unreachable for {down:.0f}s"
-        queue = [j for j in self.store.queued_jobs() if not self._capped(j, held)]
-        ahead = next((i for i, j in enumerate(queue) if j.id == job.id), 0)
+        ahead = 0
+        for queued in self.queue():
+            if queued.id == job.id:
+                break
+            ahead += 0 if self._capped(queued, held) else 1
         free = self.free()
         parts = []
         if job.gpus > free.gpus:
@@ -145,44 +163,45 @@ class Scheduler:
                 self._admit()
 
     def _admit(self) -> None:
+        """Claim every job that fits this tick in one transaction (compare-and-set: a job
+        someone cancelled meanwhile is left out), then hand each to Ray."""
         free = self.free()
         held = self._owner_gpus()
-        for job in self.store.queued_jobs():
+        chosen: list[Job] = []
+        for job in self.queue():
             if self._capped(job, held):
                 continue  # waits for its owner's own jobs; does not hold up anyone else
             if job.gpus > free.gpus or job.cpus > free.cpus:
-                return  # the head waits, and so does everything behind it
-            previous = job.ray_submission_id
-            attempt = job.attempts + 1
-            sid = submission_id(job.id, attempt)
-            # Claim the job first (compare-and-set), then submit: a job is handed to Ray at
-            # most once per attempt even if two schedulers race.
-            if not self.store.transition(
-                job.id, JobState.PENDING,
-                f"admitted: {job.gpus} GPU(s), {job.cpus} CPU(s); Ray job {sid}",
-                expected=[JobState.QUEUED], attempts=attempt, ray_submission_id=sid,
-                attempt_started=sid,
-            ):
-                continue
-            try:
-                if previous:
-                    # A retry after Ray was unreachable: make sure the old attempt is not
-                    # still running somewhere, so the job never runs twice.
-                    self.executor.stop(previous)
-                self.executor.submit(job.id, attempt, job.gpus, job.cpus,
-                                     log_file=str(attempt_log(job.artifact_dir, attempt)))
-            except Exception as exc:
-                log.warning("submitting job %s to Ray failed: %s", job.id, exc)
-                # Not the job's fault and it never ran: back to the queue, and no more
-                # admissions until Ray answers again.
-                self.store.transition(
-                    job.id, JobState.QUEUED, f"could not submit to Ray ({exc}); requeued",
-                    expected=[JobState.PENDING], attempt_ended=("not_started", str(exc)),
-                )
-                self.unreachable_since = self.unreachable_since or time.monotonic()
-                return
+                break  # the head waits, and so does everything behind it
+            chosen.append(job)
             free = Usage(free.gpus - job.gpus, free.cpus - job.cpus)
             held[job.owner] += job.gpus
+        if not chosen:
+            return
+        workers = {job.id: _workers(job) for job in chosen}
+        # Claimed first, then submitted: a job is handed to Ray at most once per attempt
+        # even if two schedulers race.
+        claims = self.store.claim_jobs([job.id for job in chosen if job.id is not None])
+        for i, claim in enumerate(claims):
+            try:
+                if claim.previous_submission_id:
+                    # A retry after Ray was unreachable: make sure the old attempt is not
+                    # still running somewhere, so the job never runs twice.
+                    self.executor.stop(claim.previous_submission_id)
+                self.executor.submit(Launch.of(claim, workers[claim.job_id]))
+            except Exception as exc:
+                log.warning("submitting job %s to Ray failed: %s", claim.job_id, exc)
+                # Not the jobs' fault and they never ran: this one and the ones claimed
+                # after it go back to the queue, and nothing more is admitted until Ray
+                # answers again.
+                for unsent in claims[i:]:
+                    self.store.transition(
+                        unsent.job_id, JobState.QUEUED,
+                        f"could not submit to Ray ({exc}); requeued",
+                        expected=[JobState.PENDING],
+                        attempt_ended=(AttemptOutcome.NOT_STARTED, str(exc)))
+                self.unreachable_since = self.unreachable_since or time.monotonic()
+                return
 
     def _reconcile(self) -> None:
         """Settle active jobs whose Ray Job ended without the worker recording an outcome."""
@@ -208,10 +227,12 @@ class Scheduler:
                 self.store.transition(
                     job.id, JobState.QUEUED,
                     "Ray has no record of the submission (lost before it started); requeued",
-                    expected=[JobState.PENDING], attempt_ended=("not_started", "submission lost"),
+                    expected=[JobState.PENDING],
+                    attempt_ended=(AttemptOutcome.NOT_STARTED, "submission lost"),
                 )
                 continue
-            self.fail_or_retry(current, _ray_failure_reason(info.status, info.message,
+            said = self._driver_said(current)
+            self.fail_or_retry(current, _ray_failure_reason(info.status, info.message, said,
                                                             self._log_tail(job)))
         if reached:
             self.unreachable_since = None
@@ -241,19 +262,27 @@ class Scheduler:
     def fail_or_retry(self, job: Job, cause: str) -> None:
         """An infrastructure failure: retry while `retries` allow, else fail the job."""
         assert job.id is not None
-        retried = sum(a.outcome == "retried" for a in self.store.attempts(job.id))
+        retried = sum(a.outcome == AttemptOutcome.RETRIED for a in self.store.attempts(job.id))
         if retried + 1 < job.max_attempts:
             self.store.transition(
                 job.id, JobState.QUEUED,
                 f"attempt {job.attempts} lost ({cause.splitlines()[0]}); retry "
                 f"{retried + 1} of {job.max_attempts - 1}, resuming from the latest checkpoint",
-                expected=list(ACTIVE_STATES), attempt_ended=("retried", cause),
+                expected=list(ACTIVE_STATES), attempt_ended=(AttemptOutcome.RETRIED, cause),
+                details={"retry": retried + 1, "retries": job.max_attempts - 1},
             )
         else:
             self.store.transition(
                 job.id, JobState.FAILED, cause, expected=list(ACTIVE_STATES), error=cause,
-                attempt_ended=("failed", cause),
+                attempt_ended=(AttemptOutcome.FAILED, cause),
             )
+
+    def _driver_said(self, job: Job) -> str | None:
+        """What the attempt's driver reported before its Ray Job ended (e.g. "worker process
+        died: ..."), recorded as the attempt's cause while it was still running."""
+        assert job.id is not None
+        current = [a for a in self.store.attempts(job.id) if a.attempt == job.attempts]
+        return current[0].cause if current else None
 
     def _log_tail(self, job: Job, lines: int = 8) -> str:
         assert job.ray_submission_id
@@ -264,8 +293,9 @@ class Scheduler:
         return "\n".join(text.strip().splitlines()[-lines:])
 
     # -- cancel ---------------------------------------------------------------------------
-    def cancel(self, job_id: int, reason: str) -> tuple[bool, str]:
+    def cancel(self, job_id: int, reason: str, user: str | None = None) -> tuple[bool, str]:
         """Cancel from any non-terminal state. Returns (changed, message)."""
+        details = {"user": user} if user else None
         with self._lock:
             job = self.store.get_job(job_id)
             if job is None:
@@ -274,16 +304,17 @@ class Scheduler:
             if state.is_terminal:
                 return False, f"job {job_id} already {state.value}"
             if state == JobState.QUEUED and self.store.transition(
-                job_id, JobState.CANCELLED, reason, expected=[JobState.QUEUED]
+                job_id, JobState.CANCELLED, reason, expected=[JobState.QUEUED], details=details,
             ):
                 return True, f"job {job_id} cancelled (it never started)"
             # Record first so the worker's own final write loses the race, then stop Ray.
             if not self.store.transition(
                 job_id, JobState.CANCELLED, reason, expected=list(ACTIVE_STATES),
-                attempt_ended=("cancelled", reason),
+                attempt_ended=(AttemptOutcome.CANCELLED, reason), details=details,
             ):
                 latest = self.store.get_job(job_id)
-                return False, f"job {job_id} already {latest.state if latest else 'gone'}"
+                gone = JobState(latest.state).value if latest else "gone"
+                return False, f"job {job_id} already {gone}"
             if job.ray_submission_id:
                 try:
                     self.executor.stop(job.ray_submission_id)
@@ -292,18 +323,19 @@ class Scheduler:
             return True, f"job {job_id} cancelled; its Ray job was stopped"
 
 
-def _ray_failure_reason(status: RayStatus, message: str, log_tail: str) -> str:
-    if status == RayStatus.SUCCEEDED:
+def _ray_failure_reason(status: RayStatus, message: str, said: str | None,
+                        log_tail: str) -> str:
+    if said:
+        # The driver's own words ("worker process died: ...") say more than Ray's generic
+        # "entrypoint command failed with exit code N".
+        head = said
+    elif status == RayStatus.SUCCEEDED:
         head = "the driver exited without recording a result"
     elif status == RayStatus.STOPPED:
         head = "the Ray job was stopped outside orch"
     elif status == RayStatus.MISSING:
         head = "Ray has no record of the running job (the cluster was restarted or lost)"
     else:
-        # The driver's own last word ("orch: worker process died: ...") says more than
-        # Ray's generic "entrypoint command failed with exit code N".
-        said = [line for line in log_tail.splitlines() if line.startswith("orch: ")]
         first = message.strip().splitlines()[0] if message.strip() else ""
-        head = (said[-1].removeprefix("orch: ") if said
-                else f"the Ray job failed: {first}" if first else "the Ray job failed")
+        head = f"the Ray job failed: {first}" if first else "the Ray job failed"
     return f"{head}\n{log_tail}" if log_tail else head

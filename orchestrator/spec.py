@@ -26,21 +26,14 @@ from pydantic import (
     model_validator,
 )
 
+# Re-exported: the error load_spec and friends raise.
+from orchestrator.errors import SpecError as SpecError
+
 
 class Objective(str, Enum):
     CLM = "clm"  # causal LM (GPT-style): next-token prediction
     MLM = "mlm"  # masked LM (BERT-style): predict masked tokens
     SEQ2SEQ = "seq2seq"  # encoder-decoder (T5, BART, ...): input text -> target text
-
-
-class SpecError(ValueError):
-    """A spec that cannot be run. `problems` lists `field: what is wrong; how to fix it`."""
-
-    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        prefix = f"{source}: " if source else ""
-        super().__init__(prefix + "; ".join(self.problems))
 
 
 class _Section(BaseModel):

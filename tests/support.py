@@ -6,9 +6,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_GPUS = 2
@@ -80,3 +84,205 @@ def make_bucket(env: dict[str, str], name: str) -> str:
                           region_name=env["AWS_DEFAULT_REGION"])
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# -- the store --------------------------------------------------------------------------
+def new_job(store: Any, **overrides: Any) -> int:
+    """A queued job with plausible fields; returns its id."""
+    args: dict[str, Any] = {
+        "name": "tiny-clm", "objective": "clm", "owner": "alice",
+        "spec": {"model": "tiny", "lr": 1e-4}, "spec_yaml": "model: tiny\nlr: 1.0e-4\n",
+        "gpus": 1, "cpus": 4,
+    }
+    args.update(overrides)
+    job = store.create_job(**args)
+    assert job.id is not None
+    return int(job.id)
+
+
+def state_of(store: Any, job_id: int) -> str:
+    job = store.get_job(job_id)
+    assert job is not None
+    return str(job.state.value)
+
+
+def assert_utc(value: datetime | None) -> None:
+    assert value is not None
+    assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+
+
+def add_ckpt(store: Any, job_id: int, step: int, kind: str = "checkpoint") -> int:
+    ckpt = store.add_checkpoint(
+        job_id, attempt=1, step=step, path=f"/art/{job_id}/checkpoint-{step}",
+        size_bytes=3 * 2**30,  # > 2 GiB: needs a 64-bit column
+        metrics={"eval_loss": 1.0 / step}, kind=kind,
+    )
+    assert ckpt.id is not None
+    return int(ckpt.id)
+
+
+def flags(store: Any, job_id: int) -> list[tuple[int, bool, bool, bool]]:
+    return [(c.step, c.is_latest, c.is_best, c.deleted)
+            for c in store.checkpoints(job_id, include_deleted=True)]
+
+
+# -- a Ray stand-in for control-plane tests ---------------------------------------------
+@dataclass
+class FakeExecutor:
+    """Records what the scheduler hands to Ray; statuses are set by the test."""
+
+    statuses: dict[str, Any] = field(default_factory=dict)
+    submitted: list[str] = field(default_factory=list)
+    launches: list[Any] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    fail_submit: bool = False
+    down: bool = False  # the whole cluster is unreachable
+    log_text: str = "line 1\nTraceback: boom"
+    jobs_url: str | None = None
+
+    def submit(self, launch: Any) -> None:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        if self.fail_submit:
+            raise RuntimeError("dashboard unreachable")
+        self.submitted.append(launch.submission_id)
+        self.launches.append(launch)
+        self.statuses[launch.submission_id] = RayJobInfo(RayStatus.PENDING)
+
+    def info(self, submission: str) -> Any:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        if self.down:
+            raise ConnectionError("cluster unreachable")
+        return self.statuses.get(submission, RayJobInfo(RayStatus.MISSING))
+
+    def stop(self, submission: str) -> None:
+        from orchestrator.executor import RayJobInfo, RayStatus
+
+        self.stopped.append(submission)
+        self.statuses[submission] = RayJobInfo(RayStatus.STOPPED)
+
+    def logs(self, submission: str) -> str | None:
+        return self.log_text
+
+
+# -- an attempt on an in-process control plane ------------------------------------------
+@dataclass
+class AttemptSession:
+    """One admitted job on a control plane served in this process (the real app, store and
+    scheduler; Ray replaced by FakeExecutor), and a worker client holding its attempt's
+    token: what a worker has inside a Ray Job, for tests that run the worker side here."""
+
+    store: Any
+    plane: Any
+    fake: FakeExecutor
+    http: Any
+    job_id: int
+    root: Path
+
+    def client(self, job_id: int | None = None) -> Any:
+        """A worker's client for the job's current attempt."""
+        from fastapi.testclient import TestClient
+
+        from workers.control_plane import ControlPlaneClient
+
+        wanted = job_id or self.job_id
+        launch = [x for x in self.fake.launches if x.job_id == wanted][-1]
+        return ControlPlaneClient("http://testserver", launch.token, timeout=5,
+                                  http=TestClient(self.http.app))
+
+    def admit_again(self) -> None:
+        """The scheduler admits the job's next attempt (after a retry requeued it)."""
+        self.plane.scheduler.tick()
+
+    def submit(self, spec: Any, **job: Any) -> int:
+        """Another job on the same control plane, admitted; its id."""
+        job_id = _create(self.store, spec, self.root, **job)
+        self.plane.scheduler.tick()
+        return job_id
+
+
+def _create(store: Any, spec: Any, root: Path, **job: Any) -> int:
+    created = store.create_job(
+        name=spec.name, objective=spec.objective.value, owner="tester", spec=spec.to_dict(),
+        spec_yaml="", gpus=spec.resources.gpus, cpus=spec.resources.total_cpus,
+        artifact_root=root, **job)
+    return int(created.id)
+
+
+@contextmanager
+def attempt_session(tmp_path: Path, spec: Any, *, storage_root: Path | None = None,
+                    **job: Any) -> Iterator[AttemptSession]:
+    from fastapi.testclient import TestClient
+
+    from orchestrator.cluster import Capacity
+    from orchestrator.server import ControlPlane, create_app
+    from orchestrator.store import Store
+
+    store = Store(f"sqlite:///{tmp_path}/orch.db")
+    fake = FakeExecutor()
+    plane = ControlPlane(store, fake, Capacity(gpus=4, cpus=64, nodes=1), interval=3600)
+    root = storage_root or tmp_path / "jobs"
+    job_id = _create(store, spec, root, **job)
+    try:
+        with TestClient(create_app(plane)) as http:
+            plane.scheduler.tick()
+            yield AttemptSession(store, plane, fake, http, job_id, root)
+    finally:
+        store.close()
+
+
+def mlm_spec_dict(**training: Any) -> dict[str, Any]:
+    """A valid, path-resolved spec as the CLI sends it: the tiny BERT, 5 steps."""
+    from orchestrator.spec import build_spec
+
+    assets = REPO / "jobs" / "assets"
+    return build_spec({
+        "name": "api-test", "objective": "mlm", "model": str(assets / "models" / "bert-tiny"),
+        "dataset": {"train_files": [str(assets / "data" / "lm" / "train.jsonl")],
+                    "eval_fraction": 0.1},
+        "resources": {"gpus": 1}, "training": {"max_steps": 5, **training},
+    }).to_dict()
+
+
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """Serve an ASGI app over real HTTP on 127.0.0.1 (a free port) from a thread of this
+    process, for workers in other processes to reach; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def assert_each_live_loss_once(store: Any, job_id: int) -> list[int]:
+    """No train_loss step is counted twice after a resume; returns the live steps."""
+    steps = Counter(m.step for m in store.metrics(job_id, name="train_loss"))
+    assert not {s: n for s, n in steps.items() if n > 1}, steps
+    return sorted(steps)

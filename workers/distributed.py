@@ -1,46 +1,36 @@
 """Data-parallel training through Ray Train: one job, N workers, one voice.
 
-The driver calls `run_distributed` for a job whose spec asks for more than one worker
-(`resources.gpus` > 1, or `resources.workers` > 1 on CPU). It builds a Ray Train
-`TorchTrainer` whose workers each run the same Hugging Face Trainer core
-(`workers.training.run_training`); Ray Train starts the process group (nccl on GPUs, gloo on
-CPUs) and the Trainer, seeing it, wraps the model in DDP (or FSDP) and shards the data.
+The driver calls `run_distributed` for a job with more than one worker (`resources.gpus` > 1,
+or `resources.workers` > 1 on CPU). It builds a Ray Train `TorchTrainer` whose workers each
+run the attempt's lifecycle (`workers.attempt`) around the same Hugging Face Trainer core;
+Ray Train starts the process group (nccl on GPUs, gloo on CPUs) and the Trainer, seeing it,
+wraps the model in DDP (or FSDP) and shards the data.
 
-One voice per job: rank 0 alone moves the job's state, reports metrics and registers
-checkpoints; every rank writes its part of a checkpoint and rank 0 renames it into place
-after a barrier (`AtomicCheckpoints`).
+One voice per job: rank 0 alone decides (start or restart, where to resume) and tells the
+others, reports metrics and registers checkpoints; every rank writes its part of a
+checkpoint and rank 0 renames it into place after a barrier (`AtomicCheckpoints`).
 
 Worker failure: Ray Train restarts the whole worker group (`FailureConfig.max_failures` =
 the spec's `retries`); the new group resumes from the latest registered checkpoint, and
-rank 0 records the restart as an event. Errors in the job itself (bad data, an exception in
-the model) are recorded as `failed` by the rank that hit them and are not retried: a
-restarted group finds the job terminal and stops at once.
+rank 0 records the restart. Errors in the job itself (bad data, an exception in the model)
+are recorded as failed by the rank that hit them and are not retried: a restarted group
+finds the job ended and stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import ray
 
-# Words in the errors a rank sees when a peer died mid-collective: infrastructure, not the
-# job's own fault, so they must not mark the job failed (Ray Train restarts the group).
-_COLLECTIVE_ERRORS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe",
-                      "timed out", "distbackenderror", "process group", "peer")
-
-
-def is_collective_error(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    text = f"{type(exc).__name__}: {exc}".lower()
-    return any(word in text for word in _COLLECTIVE_ERRORS)
+from orchestrator.api import WorkerFinished
+from orchestrator.spec import spec_from_dict
+from workers.control_plane import AttemptOver, ControlPlaneClient
 
 
 def _placement() -> list[dict[str, Any]]:
@@ -59,75 +49,33 @@ def train_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from orchestrator.spec import spec_from_dict
-    from orchestrator.states import JobState
-    from orchestrator.store import Store
-    from workers.driver import resume_point
-    from workers.reporting import StoreReporter
-    from workers.storage import job_artifacts
-    from workers.training import run_training
+    from workers import attempt
 
     if not torch.cuda.is_available():
         # Ray Train names the device from the GPUs Ray assigned (cuda:N); fake GPUs on a CPU
         # machine have no CUDA behind them, and accelerate would follow that name.
         os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    job_id, attempt = int(config["job_id"]), int(config["attempt"])
-    store = Store()
-    job = store.get_job(job_id)
-    assert job is not None
-    spec = spec_from_dict(job.spec)
+    client = ControlPlaneClient.from_environment()
     rank, world = dist.get_rank(), dist.get_world_size()
     leader = rank == 0
 
-    # Rank 0 decides (the job's state, where to resume) and tells the others, so every rank
-    # acts on the same answer even if the store changes in between.
-    decision: list[Any] = [None]
+    # Rank 0 decides (start or restart, where to resume) and tells the others, so every
+    # rank acts on the same answer even if the job changes in between.
     placement = _placement()
+    decision: list[Any] = [None]
     if leader:
-        state = JobState(job.state)
-        resume_from, resume_words = resume_point(store, job)
         where = ", ".join(f"rank {p['rank']} on node {p['node'][:12]} {p['host']} (pid {p['pid']})"
                           for p in placement)
-        backend = dist.get_backend()
-        words = (f"{world} workers ({spec.training.strategy}, {backend}, placement "
-                 f"{spec.resources.placement}): {where}; {resume_words}")
-        print(f"orch job {job_id} attempt {attempt}: {words}", flush=True)
-        if state == JobState.PENDING:
-            go = store.transition(job_id, JobState.RUNNING, f"attempt {attempt} started: {words}",
-                                  expected=[JobState.PENDING])
-        elif state == JobState.RUNNING:
-            # A worker of this attempt died and Ray Train restarted the whole group.
-            go = store.add_event(job_id, f"attempt {attempt}: Ray Train restarted the worker "
-                                         f"group after a worker failure: {words}")
-        else:
-            go = False  # cancelled, or failed by a rank of an earlier group
-        decision = [{"go": go, "resume_from": resume_from}]
+        words = (f"{world} workers ({config['strategy']}, {dist.get_backend()}, placement "
+                 f"{config['placement']}): {where}")
+        decision = [attempt.begin(client, where=words, details={"ranks": placement})]
     dist.broadcast_object_list(decision, src=0)
-    if not decision[0]["go"]:
+    if not decision[0].go:
         return
-
-    artifacts = job_artifacts(spec.checkpoints.storage, job_id, job.artifact_dir)
-    reporter = StoreReporter(store, job_id, attempt, spec, upload_to=artifacts.url) if leader else None
     try:
-        final_metrics = run_training(spec, artifacts.local_dir,
-                                     callbacks=[reporter] if reporter else [],
-                                     resume_from_checkpoint=decision[0]["resume_from"],
-                                     upload_to=artifacts.url)
-    except Exception as exc:
-        if reporter:
-            reporter.flush()
-        traceback.print_exc()
-        if not is_collective_error(exc):
-            error = f"{type(exc).__name__}: {exc}"
-            store.transition(job_id, JobState.FAILED, f"training failed on rank {rank}: {error}",
-                             expected=[JobState.RUNNING], error=error,
-                             attempt_ended=("failed", error))
-        raise
-    if reporter:
-        final_dir = artifacts.final
-        reporter.final_model(reporter.last_step, final_dir, final_metrics)
-        store.transition(job_id, JobState.SUCCEEDED, f"final model saved to {final_dir}",
-                         expected=[JobState.RUNNING], attempt_ended=("succeeded", None))
+        attempt.train(decision[0], client, leader=leader, distributed=True, rank=rank)
+    except AttemptOver:
+        return
 
 
 def _gpus_have_cuda() -> bool:
@@ -143,33 +91,27 @@ def _gpus_have_cuda() -> bool:
     return bool(ray.get(probe.remote()))
 
 
-def run_distributed(job_id: int, attempt: int) -> int:
+def run_distributed(client: ControlPlaneClient, *, gpus: int, cpus: int, workers: int) -> int:
     """Run one attempt of a data-parallel job from the Ray Job driver; the exit code."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.spec import spec_from_dict
-    from orchestrator.states import JobState
-    from orchestrator.store import Store
-
-    store = Store()
-    job = store.get_job(job_id)
-    assert job is not None
+    job = client.job()
     spec = spec_from_dict(job.spec)
-    res = spec.resources
-    use_gpu = res.gpus > 0
+    use_gpu = gpus > 0
     backend = "nccl" if use_gpu and _gpus_have_cuda() else "gloo"
-    per_worker: dict[str, float] = {"CPU": res.cpus, **({"GPU": 1} if use_gpu else {})}
+    per_worker: dict[str, float] = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job_id": job_id, "attempt": attempt},
+        train_loop_config={"strategy": spec.training.strategy,
+                           "placement": spec.resources.placement},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
-            num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker,
-            placement_strategy=res.placement.upper(),
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+            placement_strategy=spec.resources.placement.upper(),
         ),
         run_config=RunConfig(
-            name=f"orch-{job_id}-{attempt}",
+            name=f"orch-{job.job_id}-{job.attempt}",
             # Ray Train's own run state; orch's checkpoints live beside it in artifact_dir.
             storage_path=str(Path(job.artifact_dir) / "ray_train"),
             failure_config=FailureConfig(max_failures=spec.retries),
@@ -186,7 +128,7 @@ def run_distributed(job_id: int, attempt: int) -> int:
         # plane does not retry it a second time. (A lost driver is still retried by it.)
         cause = (f"data-parallel worker group failed {spec.retries + 1} time(s) (Ray Train "
                  f"max_failures={spec.retries}): {message}")
-        store.transition(job_id, JobState.FAILED, cause, expected=[JobState.PENDING, JobState.RUNNING],
-                         error=cause, attempt_ended=("failed", cause))
+        with contextlib.suppress(AttemptOver):
+            client.finished(WorkerFinished(outcome="failed", reason=cause, error=cause))
         return 1
     return 0

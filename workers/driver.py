@@ -1,40 +1,100 @@
 """Ray Job entrypoint for one attempt of one orch job.
 
-    python -m workers.driver --job-id 7 --attempt 1 --gpus 1 --cpus 2 --log-file F
+    python -m workers.driver --job-id 7 --attempt 1 --gpus 1 --cpus 2 --workers 1
 
-The driver is light: it starts one worker actor that holds the job's GPUs and CPUs (Ray
-schedules it onto a node that has them), then waits. It imports nothing heavy before the
-actor exists, so the actor's own start-up (torch, transformers) begins at once.
+The driver is light: it imports neither torch nor transformers, so the workers' own
+start-up begins at once. With one worker it starts one `TrainingWorker` actor that holds
+the job's GPUs and CPUs (Ray schedules it onto a node that has them) and waits; with more,
+a Ray Train worker group (`workers.distributed`). The workers run the attempt's lifecycle
+(`workers.attempt`) and record its outcome through the control plane: succeeded, or failed
+for an error in the job itself (never retried). When the actor's process dies instead, the
+driver reports why (the attempt's cause) and exits non-zero; the control plane sees the
+Ray Job end with the job still running and retries it (from the latest checkpoint) or
+fails it.
 
-The actor does the training and records its own outcome: succeeded, or failed for an
-error in the job itself (never retried). When the actor's process dies instead, the
-driver only reports it and exits non-zero; the control plane sees the Ray Job fail with
-the job still running and retries it (resuming from the latest checkpoint) or fails it.
-
-Everything the driver and the worker print also goes to `--log-file`, as it is written,
-so `orch logs` works after the job ended and after the Ray cluster is gone.
+Everything the driver and its workers print is streamed to the control plane as it is
+written (`LogShipper`), so `orch logs` works after the job ended and after the Ray cluster
+is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import threading
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 import ray
 
+from orchestrator.settings import get_settings
+from workers.control_plane import AttemptOver, ControlPlaneClient, ControlPlaneGone
+
+# Exit codes the control plane sees as the Ray Job's: 0 done (the outcome is recorded),
+# 1 the job failed (recorded), 3 the worker process died (infrastructure: retried).
+EXIT_WORKER_DIED = 3
+
+
+class LogShipper:
+    """Sends what the attempt prints to the control plane, about once a second.
+
+    Bounded: while the server is unreachable at most `max_buffer` bytes wait; older bytes
+    are dropped (the server marks the gap in the log). Never blocks the writer."""
+
+    def __init__(self, client: ControlPlaneClient, every: float = 1.0,
+                 max_buffer: int = 16 * 1024 * 1024) -> None:
+        self.client = client
+        self.every = every
+        self.max_buffer = max_buffer
+        self.offset = 0  # where self._buffer starts in the attempt's log
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orch-logs", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._buffer += data
+            excess = len(self._buffer) - self.max_buffer
+            if excess > 0:
+                del self._buffer[:excess]
+                self.offset += excess
+
+    def _send(self, timeout: float) -> bool:
+        with self._lock:
+            offset, chunk = self.offset, bytes(self._buffer[:1024 * 1024])
+        if not chunk:
+            return True
+        try:
+            size = self.client.log_chunk(offset, chunk, timeout=timeout)
+        except (ControlPlaneGone, AttemptOver):
+            return False
+        except Exception:  # never let log shipping take the attempt down
+            return False
+        with self._lock:
+            done = max(0, min(size - self.offset, len(self._buffer)))
+            del self._buffer[:done]
+            self.offset += done
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._send(timeout=0)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is left (waiting up to `timeout` seconds for the server)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        while self._buffer and self._send(timeout=timeout):
+            pass
+
 
 @contextmanager
-def tee_output(path: Path) -> Iterator[None]:
-    """Copy everything written to file descriptors 1 and 2 into `path` as well."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sink = path.open("ab", buffering=0)
+def tee_output(shipper: LogShipper) -> Iterator[None]:
+    """Copy everything written to file descriptors 1 and 2 to the shipper as well."""
     saved, pumps = [], []
     for fd in (1, 2):
         read_end, write_end = os.pipe()
@@ -46,7 +106,7 @@ def tee_output(path: Path) -> Iterator[None]:
         def pump(read_end: int = read_end, original: int = original) -> None:
             while chunk := os.read(read_end, 65536):
                 os.write(original, chunk)
-                sink.write(chunk)
+                shipper.write(chunk)
             os.close(read_end)
 
         thread = threading.Thread(target=pump, daemon=True)
@@ -62,113 +122,73 @@ def tee_output(path: Path) -> Iterator[None]:
             os.close(original)
         for thread in pumps:
             thread.join(timeout=5)
-        sink.close()
-
-
-def resume_point(store, job) -> tuple[str | None, str]:  # type: ignore[no-untyped-def]
-    """The latest complete checkpoint to resume from, and words for the event."""
-    from workers.reporting import latest_complete_checkpoint
-    from workers.storage import is_complete_checkpoint
-
-    if ckpt := latest_complete_checkpoint(store, job.id):
-        return ckpt.path, f"resuming from step {ckpt.step} ({ckpt.path})"
-    if job.resume_from and is_complete_checkpoint(job.resume_from):
-        return job.resume_from, f"resuming job {job.parent_job_id}'s checkpoint {job.resume_from}"
-    return None, "from the start"
 
 
 @ray.remote(max_restarts=0)
 class TrainingWorker:
     """One fine-tune, in a Ray worker process holding the job's GPUs."""
 
-    def __init__(self, job_id: int, attempt: int) -> None:
-        self.job_id = job_id
-        self.attempt = attempt
-
     def train(self) -> str:
         import torch
 
-        from orchestrator.spec import spec_from_dict
-        from orchestrator.states import JobState
-        from orchestrator.store import Store
-        from workers.reporting import StoreReporter
-        from workers.storage import job_artifacts
-        from workers.training import run_training
+        from workers import attempt
 
-        store = Store()
-        job = store.get_job(self.job_id)
-        assert job is not None
-        spec = spec_from_dict(job.spec)
+        client = ControlPlaneClient.from_environment()
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        device = "cuda" if torch.cuda.is_available() and spec.resources.gpus else "cpu"
-        resume_from, resume_words = resume_point(store, job)
-        where = (f"on {socket.gethostname()} (pid {os.getpid()}), Ray GPUs {gpu_ids or 'none'}, "
-                 f"training on {device}, {resume_words}")
-        print(f"orch job {self.job_id} attempt {self.attempt}: {where}", flush=True)
-        if not store.transition(self.job_id, JobState.RUNNING, f"attempt {self.attempt} started {where}",
-                                expected=[JobState.PENDING]):
-            return "not started: the job left pending (cancelled?)"
-        artifacts = job_artifacts(spec.checkpoints.storage, self.job_id, job.artifact_dir)
-        reporter = StoreReporter(store, self.job_id, self.attempt, spec, upload_to=artifacts.url)
+        device = "cuda" if torch.cuda.is_available() and gpu_ids else "cpu"
+        here = attempt.where_am_i()
+        where = (f"on {here['host']} (pid {here['pid']}), Ray GPUs {gpu_ids or 'none'}, "
+                 f"training on {device}")
+        decision = attempt.begin(client, where=where,
+                                 details={**here, "gpus": list(gpu_ids), "device": device})
+        if not decision.go:
+            return f"not started: {decision.why_not}"
         try:
-            final_metrics = run_training(spec, artifacts.local_dir, callbacks=[reporter],
-                                         resume_from_checkpoint=resume_from,
-                                         upload_to=artifacts.url)
-            final_dir = artifacts.final
-            reporter.final_model(reporter.last_step, final_dir, final_metrics)
-        except Exception as exc:
-            reporter.flush()
-            error = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            store.transition(self.job_id, JobState.FAILED, f"training failed: {error}",
-                             expected=[JobState.RUNNING], error=error,
-                             attempt_ended=("failed", error))
-            raise
-        store.transition(self.job_id, JobState.SUCCEEDED, f"final model saved to {final_dir}",
-                         expected=[JobState.RUNNING], attempt_ended=("succeeded", None))
+            attempt.train(decision, client)
+        except AttemptOver:
+            return "stopped: the control plane ended this attempt"
         return "succeeded"
 
 
-def _is_distributed(job_id: int) -> bool:
-    from orchestrator.spec import spec_from_dict
-    from orchestrator.store import Store
-
-    store = Store()
-    try:
-        job = store.get_job(job_id)
-        return job is not None and spec_from_dict(job.spec).resources.distributed
-    finally:
-        store.close()
-
-
-def run(job_id: int, attempt: int, gpus: int, cpus: int) -> int:
+def run(job_id: int, attempt: int, gpus: int, cpus: int, workers: int,
+        client: ControlPlaneClient) -> int:
     # Inside a Ray Job this joins the job's cluster; for a local cluster orch names it, as
     # several local clusters may share the machine (ORCH_RAY_GCS_ADDRESS, from the executor).
-    ray.init(address=os.environ.get("ORCH_RAY_GCS_ADDRESS") or None)
-    if _is_distributed(job_id):
-        # More than one worker: Ray Train's worker group (workers.distributed). One worker
-        # keeps the plain actor below, which starts faster.
-        from workers.distributed import run_distributed
-
-        try:
-            return run_distributed(job_id, attempt)
-        finally:
-            ray.shutdown()
-    worker = TrainingWorker.options(
-        num_gpus=gpus, num_cpus=cpus, name=f"orch-{job_id}-{attempt}",
-    ).remote(job_id, attempt)
+    ray.init(address=get_settings().ray_gcs_address or None)
     try:
-        print(ray.get(worker.train.remote()), flush=True)
-        return 0
-    except ray.exceptions.RayActorError as exc:
-        # The worker process died (killed, OOM, node lost): infrastructure, not the job's
-        # code. The control plane decides between a retry and failing the job.
-        print(f"orch: worker process died: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
-        return 3
-    except ray.exceptions.RayTaskError:
-        return 1  # the worker recorded the failure; its traceback is in the log above
+        if workers > 1:
+            # Ray Train's worker group (workers.distributed). One worker keeps the plain
+            # actor below, which starts faster.
+            from workers.distributed import run_distributed
+
+            return run_distributed(client, gpus=gpus, cpus=cpus, workers=workers)
+        worker = TrainingWorker.options(  # type: ignore[attr-defined]
+            num_gpus=gpus, num_cpus=cpus, name=f"orch-{job_id}-{attempt}").remote()
+        try:
+            print(ray.get(worker.train.remote()), flush=True)
+            return 0
+        except ray.exceptions.RayActorError as exc:
+            # The worker process died (killed, OOM, node lost): infrastructure, not the
+            # job's code. The control plane decides between a retry and failing the job.
+            cause = f"worker process died: {str(exc).splitlines()[0]}"
+            print(f"orch: {cause}", file=sys.stderr, flush=True)
+            report_cause(client, cause)
+            return EXIT_WORKER_DIED
+        except ray.exceptions.RayTaskError:
+            return 1  # the worker recorded the failure; its traceback is in the log above
     finally:
         ray.shutdown()
+
+
+def report_cause(client: ControlPlaneClient, cause: str) -> None:
+    """Tell the control plane why the attempt is ending badly; best effort (if it cannot be
+    reached, the Ray Job's failure still tells it something went wrong)."""
+    try:
+        client.call("POST", "/worker/cause", json={"reason": cause, "key": "cause"},
+                    timeout=30)
+    except Exception as exc:
+        print(f"orch: could not report the cause to the control plane: {exc}", file=sys.stderr,
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", type=int, required=True)
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--cpus", type=int, required=True)
-    parser.add_argument("--log-file", type=Path)
-    args = parser.parse_args(argv)
-    if args.log_file is None:
-        return run(args.job_id, args.attempt, args.gpus, args.cpus)
-    with tee_output(args.log_file):
-        return run(args.job_id, args.attempt, args.gpus, args.cpus)
+    parser.add_argument("--cpus", type=int, required=True, help="CPUs per worker")
+    parser.add_argument("--workers", type=int, default=1)
+    args: Any = parser.parse_args(argv)
+    client = ControlPlaneClient.from_environment()
+    shipper = LogShipper(client)
+    try:
+        with tee_output(shipper):
+            return run(args.job_id, args.attempt, args.gpus, args.cpus, args.workers, client)
+    finally:
+        shipper.close()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
 import orchestrator.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from orchestrator.config import database_url
+from orchestrator.settings import get_settings
 
 config = context.config
 target_metadata = SQLModel.metadata
@@ -37,7 +37,7 @@ def run_online() -> None:
         return
     from orchestrator.store import make_engine, migration_lock
 
-    engine = make_engine(config.get_main_option("sqlalchemy.url") or database_url())
+    engine = make_engine(config.get_main_option("sqlalchemy.url") or get_settings().database())
     try:
         with engine.begin() as conn:
             migration_lock(conn)
@@ -48,7 +48,7 @@ def run_online() -> None:
 
 def run_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url") or database_url(),
+        url=config.get_main_option("sqlalchemy.url") or get_settings().database(),
         target_metadata=target_metadata,
         literal_binds=True,
     )

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, make_bucket, run_orch
+from tests.support import (
+    REPO,
+    FakeExecutor,
+    assert_each_live_loss_once,
+    make_bucket,
+    run_orch,
+    served,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -38,9 +46,11 @@ def running_event(store, job_id: int) -> str:  # type: ignore[no-untyped-def]
     return next(e.reason for e in store.events(job_id) if e.to_state == "running")
 
 
-def test_each_objective_trains_on_two_workers(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    from tests.acceptance.test_recovery import wait_until
+def running_event_details(store, job_id: int) -> dict:  # type: ignore[no-untyped-def]
+    return next(e.details for e in store.events(job_id) if e.to_state == "running")
 
+
+def test_each_objective_trains_on_two_workers(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
     jobs = {name: submit(orch_env, path, *TWO_WORKERS) for name, path in SPECS.items()}
     for name, job_id in jobs.items():
         wait_until(lambda job_id=job_id: orch_store.get_job(job_id).state
@@ -65,26 +75,24 @@ def kill_rank_until_done(orch_store, job_id: int, rank: int) -> str:  # type: ig
     """SIGKILL one rank of a 2-worker, 30-step job after its first checkpoint; check Ray Train
     recovered inside the attempt (no new attempt, one restart in the history, every live
     loss once) and return the restart event's words."""
-    from tests.acceptance.test_recovery import assert_each_live_loss_once, wait_until
-
     wait_until(lambda: orch_store.checkpoints(job_id), 300, "the first checkpoint")
-    pid = int(re.search(rf"rank {rank} on node \S+ \S+ \(pid (\d+)\)",
-                        running_event(orch_store, job_id)).group(1))
+    ranks = running_event_details(orch_store, job_id)["ranks"]
+    pid = next(r["pid"] for r in ranks if r["rank"] == rank)
     os.kill(pid, signal.SIGKILL)
 
     wait_until(lambda: orch_store.get_job(job_id).state in ("succeeded", "failed"), 400, "the end")
     job = orch_store.get_job(job_id)
     assert job.state == "succeeded", job.error
     assert [a.outcome for a in orch_store.attempts(job_id)] == ["succeeded"]
-    restarts = [e.reason for e in orch_store.events(job_id)
+    restarts = [e for e in orch_store.events(job_id)
                 if "Ray Train restarted the worker group" in e.reason]
     assert len(restarts) == 1, [e.reason for e in orch_store.events(job_id)]
-    step = int(re.search(r"resuming from step (\d+)", restarts[0]).group(1))
+    step = restarts[0].details["resume_step"]
     assert step >= 4 and step % 4 == 0
     # The dead group's losses after step S were superseded when the new group began: one
     # live loss per step, although both groups wrote steps after S in the same attempt.
     assert assert_each_live_loss_once(orch_store, job_id) == list(range(1, 31))
-    return restarts[0]
+    return restarts[0].reason
 
 
 RESTARTABLE = [*TWO_WORKERS, "--set", "training.max_steps=30", "--set", "training.save_steps=4",
@@ -124,15 +132,19 @@ def test_killed_rank_0_resumes_from_checkpoints_in_an_object_store(orch_env, orc
 
 
 def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
-    """A 2-node local cluster with one fake GPU per node: `gpus: 2, placement: spread`."""
+    """A 2-node local cluster with one fake GPU per node: `gpus: 2, placement: spread`. The
+    control plane is served from this process; the driver's part runs here too."""
     import ray
+    from fastapi.testclient import TestClient
     from ray.cluster_utils import Cluster
 
+    from orchestrator.cluster import Capacity
+    from orchestrator.server import ControlPlane, create_app
     from orchestrator.spec import load_spec
-    from orchestrator.states import JobState
     from orchestrator.store import Store
+    from workers.control_plane import ControlPlaneClient
+    from workers.distributed import run_distributed
 
-    db = f"sqlite:///{tmp_path}/orch.db"
     record = tmp_path / "samples"
     record.mkdir()
     spec, text = load_spec(REPO / SPECS["clm"], [
@@ -141,37 +153,39 @@ def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
         "training.packing=false", "dataset.max_train_samples=32", "training.batch_size=4",
         "training.eval_steps=null", "training.save_steps=null", "training.logging_steps=1",
         "dataset.max_eval_samples=8"])
-    env = {"ORCH_DATABASE_URL": db, "ORCH_RECORD_SAMPLES": str(record),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    os.environ.update(env)  # this process reads the store too (the driver's part)
+    store = Store(f"sqlite:///{tmp_path}/orch.db")
+    fake = FakeExecutor()
+    plane = ControlPlane(store, fake, Capacity(gpus=2, cpus=4, nodes=2), interval=3600)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=2, num_gpus=1)
-    store = Store(db)
     try:
-        job = store.create_job(name=spec.name, objective="clm", owner="t", spec=spec.to_dict(),
-                               spec_yaml=text, gpus=2, cpus=2,
-                               artifact_root=Path(spec.checkpoints.storage or ""))
-        store.transition(job.id, JobState.PENDING, "test", attempts=1, attempt_started="t-1")
-        ray.init(address=cluster.address, runtime_env={"env_vars": env})
-        from workers.distributed import run_distributed
-
-        assert run_distributed(job.id, 1) == 0
-        job = store.get_job(job.id)
+        with TestClient(create_app(plane)) as local, served(local.app) as url:
+            job = store.create_job(name=spec.name, objective="clm", owner="t",
+                                   spec=spec.to_dict(), spec_yaml=text, gpus=2, cpus=2,
+                                   artifact_root=Path(spec.checkpoints.storage or ""))
+            plane.scheduler.tick()
+            [launch] = fake.launches
+            env = {"ORCH_SERVER_URL": url, "ORCH_ATTEMPT_TOKEN": launch.token,
+                   "ORCH_RECORD_SAMPLES": str(record), "HF_HUB_OFFLINE": "1",
+                   "HF_DATASETS_OFFLINE": "1"}
+            ray.init(address=cluster.address, runtime_env={"env_vars": env})
+            client = ControlPlaneClient(url, launch.token)
+            assert run_distributed(client, gpus=2, cpus=1, workers=2) == 0
+        job = store.require_job(job.id)
         assert job.state == "succeeded", job.error
-        nodes = dict(re.findall(r"rank (\d) on node (\S+)", running_event(store, job.id)))
+        ranks = running_event_details(store, job.id)["ranks"]
+        nodes = {str(r["rank"]): r["node"] for r in ranks}
         print(f"placement: {nodes}")
         assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]  # one rank per node
 
-        ranks = [set((record / f"rank-{r}.txt").read_text().splitlines()) for r in (0, 1)]
+        seen = [set((record / f"rank-{r}.txt").read_text().splitlines()) for r in (0, 1)]
         everything = set((record / "all.txt").read_text().splitlines())
         assert len(everything) == 32
-        assert not ranks[0] & ranks[1]  # distinct samples on each rank ...
-        assert ranks[0] | ranks[1] == everything  # ... covering the epoch: 32 / (4 x 2) = 4 steps
+        assert not seen[0] & seen[1]  # distinct samples on each rank ...
+        assert seen[0] | seen[1] == everything  # ... covering the epoch: 32 / (4 x 2) = 4 steps
         assert max(m.step for m in store.metrics(job.id, name="train_loss")) == 4
     finally:
         ray.shutdown()
         cluster.shutdown()
         store.close()
-        for key in env:
-            os.environ.pop(key, None)

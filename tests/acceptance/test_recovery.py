@@ -9,16 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.support import FAKE_CPUS, FAKE_GPUS, make_bucket, run_orch
+from tests.support import (
+    FAKE_CPUS,
+    FAKE_GPUS,
+    assert_each_live_loss_once,
+    make_bucket,
+    run_orch,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -33,20 +38,9 @@ def submit(env: dict[str, str], *args: str) -> int:
     return int(run_orch(env, "submit", *args, check=True).stdout)
 
 
-def wait_until(predicate, timeout: float, what: str, every: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def worker_pid(store, job_id: int) -> int:  # type: ignore[no-untyped-def]
-    reason = next(e.reason for e in reversed(store.events(job_id)) if e.to_state == "running")
-    match = re.search(r"\(pid (\d+)\)", reason)
-    assert match, reason
-    return int(match.group(1))
+    details = next(e.details for e in reversed(store.events(job_id)) if e.to_state == "running")
+    return int(details["pid"])
 
 
 def state_of(store, job_id: int) -> str:  # type: ignore[no-untyped-def]
@@ -56,13 +50,6 @@ def state_of(store, job_id: int) -> str:  # type: ignore[no-untyped-def]
 def losses(store, job_id: int, attempt: int | None = None) -> dict[int, float]:  # type: ignore[no-untyped-def]
     return {m.step: m.value for m in store.metrics(job_id, name="train_loss")
             if attempt is None or m.attempt == attempt}
-
-
-def assert_each_live_loss_once(store, job_id: int) -> list[int]:  # type: ignore[no-untyped-def]
-    """No train_loss step is counted twice after a resume; returns the live steps."""
-    steps = Counter(m.step for m in store.metrics(job_id, name="train_loss"))
-    assert not {s: n for s, n in steps.items() if n > 1}, steps
-    return sorted(steps)
 
 
 def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
@@ -82,8 +69,9 @@ def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> N
     attempts = orch_store.attempts(victim)
     assert [a.outcome for a in attempts] == ["retried", "succeeded"]
     assert attempts[0].cause.startswith("worker process died")
-    resumed = next(e.reason for e in reversed(orch_store.events(victim)) if e.to_state == "running")
-    resume_step = int(re.search(r"resuming from step (\d+)", resumed).group(1))
+    resumed = next(e for e in reversed(orch_store.events(victim)) if e.to_state == "running")
+    resume_step = resumed.details["resume_step"]
+    assert f"resuming from step {resume_step}" in resumed.reason
     assert 20 <= resume_step < 120, (resume_step, killed_at)
 
     # Same final step; every loss after the resume point equals the uninterrupted run's.
@@ -202,5 +190,5 @@ def test_ray_cluster_lost_and_back(orch_env, orch_store) -> None:  # type: ignor
     wait_until(lambda: state_of(orch_store, job) in ("succeeded", "failed"), 400, "the retry")
     assert state_of(orch_store, job) == "succeeded", orch_store.get_job(job).error
     assert [a.outcome for a in orch_store.attempts(job)] == ["retried", "succeeded"]
-    resumed = next(e.reason for e in reversed(orch_store.events(job)) if e.to_state == "running")
-    assert "resuming from step" in resumed
+    resumed = next(e for e in reversed(orch_store.events(job)) if e.to_state == "running")
+    assert "resuming from step" in resumed.reason and resumed.details["resume_step"] > 0

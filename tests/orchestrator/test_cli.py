@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
+import orchestrator.client
 from orchestrator import cli
 from orchestrator.cluster import Capacity
 from orchestrator.server import ControlPlane, create_app
 from orchestrator.store import Store
-from tests.orchestrator.test_scheduler import FakeExecutor
-from tests.orchestrator.test_server import spec_dict
-
-
-class InProcessClient:
-    """What the CLI needs of orchestrator.client.Client, answered by the app in-process."""
-
-    def __init__(self, client: TestClient) -> None:
-        self.client = client
-
-    def get(self, path: str, **params: Any) -> Any:
-        response = self.client.get(path, params={k: v for k, v in params.items() if v is not None})
-        response.raise_for_status()
-        return response.json()
+from tests.support import FakeExecutor
+from tests.support import mlm_spec_dict as spec_dict
 
 
 @pytest.fixture
 def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """The CLI's real Client, its HTTP requests answered by the app in this process."""
     monkeypatch.delenv("ORCH_API_TOKEN", raising=False)
+    monkeypatch.setenv("ORCH_SERVER_URL", "http://testserver")
     plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=4, nodes=1), interval=60)
     with TestClient(create_app(plane)) as client:
-        monkeypatch.setattr(cli, "Client", lambda: InProcessClient(client))
+        monkeypatch.setattr(orchestrator.client, "http", lambda: client)
         yield client
 
 

@@ -6,45 +6,16 @@ Ray is replaced by a recording fake executor; the store is real (SQLite and Post
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
 from orchestrator.cluster import Capacity
-from orchestrator.executor import RayJobInfo, RayStatus, submission_id
+from orchestrator.executor import RayJobInfo, RayStatus
+from orchestrator.models import AttemptOutcome
 from orchestrator.scheduler import Scheduler
 from orchestrator.states import JobState
-from orchestrator.store import Store
-
-
-@dataclass
-class FakeExecutor:
-    statuses: dict[str, RayJobInfo] = field(default_factory=dict)
-    submitted: list[str] = field(default_factory=list)
-    stopped: list[str] = field(default_factory=list)
-    fail_submit: bool = False
-    down: bool = False  # the whole cluster is unreachable
-
-    def submit(self, job_id: int, attempt: int, gpus: int, cpus: int,
-               log_file: str | None = None) -> str:
-        if self.fail_submit:
-            raise RuntimeError("dashboard unreachable")
-        sid = submission_id(job_id, attempt)
-        self.submitted.append(sid)
-        self.statuses[sid] = RayJobInfo(RayStatus.PENDING)
-        return sid
-
-    def info(self, submission: str) -> RayJobInfo:
-        if self.down:
-            raise ConnectionError("cluster unreachable")
-        return self.statuses.get(submission, RayJobInfo(RayStatus.MISSING))
-
-    def stop(self, submission: str) -> None:
-        self.stopped.append(submission)
-        self.statuses[submission] = RayJobInfo(RayStatus.STOPPED)
-
-    def logs(self, submission: str) -> str | None:
-        return "line 1\nTraceback: boom"
+from orchestrator.store import Store, submission_id
+from tests.support import FakeExecutor
 
 
 def add_job(store: Store, gpus: int = 1, cpus: int = 1, priority: int = 0, owner: str = "ann",
@@ -130,7 +101,8 @@ def test_failed_submission_requeues_and_pauses_admission(store: Store, fake: Fak
     sched.tick()  # Ray answers again: admission resumes
     admitted = store.get_job(job)
     assert admitted and admitted.state == JobState.PENDING and admitted.attempts == 2
-    assert [(a.attempt, a.outcome) for a in store.attempts(job)] == [(1, "not_started"), (2, "running")]
+    assert [(a.attempt, a.outcome) for a in store.attempts(job)] == [
+        (1, AttemptOutcome.NOT_STARTED), (2, AttemptOutcome.RUNNING)]
 
 
 @pytest.mark.parametrize(
@@ -208,7 +180,7 @@ def test_infrastructure_failure_is_retried_then_fails(store: Store, fake: FakeEx
     failed = store.get_job(job)
     assert failed and failed.state == JobState.FAILED and "worker died" in (failed.error or "")
     assert [(a.attempt, a.outcome) for a in store.attempts(job)] == [
-        (1, "retried"), (2, "retried"), (3, "failed")]
+        (1, AttemptOutcome.RETRIED), (2, AttemptOutcome.RETRIED), (3, AttemptOutcome.FAILED)]
     reasons = [e.reason for e in store.events(job) if e.to_state == JobState.QUEUED][1:]
     assert "retry 1 of 2, resuming from the latest checkpoint" in reasons[0]
     assert "retry 2 of 2" in reasons[1]
@@ -222,7 +194,7 @@ def test_error_recorded_by_the_worker_is_not_retried(store: Store, fake: FakeExe
     sched.tick()
     store.transition(job, JobState.RUNNING, "started", expected=[JobState.PENDING])
     store.transition(job, JobState.FAILED, "training failed: KeyError", expected=[JobState.RUNNING],
-                     error="KeyError", attempt_ended=("failed", "KeyError"))
+                     error="KeyError", attempt_ended=(AttemptOutcome.FAILED, "KeyError"))
     fake.statuses[submission_id(job, 1)] = RayJobInfo(RayStatus.FAILED, "exit 1")
     sched.tick()
     assert state(store, job) == JobState.FAILED and fake.submitted == [submission_id(job, 1)]
@@ -269,11 +241,14 @@ def test_the_drivers_own_words_head_the_failure_reason(store: Store, fake: FakeE
                                                        sched: Scheduler) -> None:
     job = add_job(store)
     sched.tick()
-    fake.logs = lambda submission: "training...\norch: worker process died: SIGKILL"  # type: ignore[method-assign]
+    # The driver reported why before its Ray Job ended; the logs are context, not parsed.
+    fake.log_text = "training...\nsomething printed: worker process died: OOM"
+    assert store.set_attempt_cause(job, 1, "worker process died: SIGKILL")
     fake.statuses[submission_id(job, 1)] = RayJobInfo(RayStatus.FAILED, "exit code 3")
     sched.tick()
     failed = store.get_job(job)
     assert failed and (failed.error or "").startswith("worker process died: SIGKILL\n")
+    assert (failed.error or "").endswith("something printed: worker process died: OOM")
 
 
 def test_multi_node_job_with_node_local_storage_is_refused(store: Store, fake: FakeExecutor) -> None:
@@ -297,3 +272,50 @@ def test_multi_node_job_with_node_local_storage_is_refused(store: Store, fake: F
     one_node = Scheduler(store, fake, Capacity(gpus=4, cpus=16, nodes=1, node_gpus=4,
                                                node_cpus=16))
     assert one_node.multi_node_problem(spread) is None  # spread over one node is one node
+
+
+def test_a_tick_claims_every_job_that_fits_at_once(store: Store, fake: FakeExecutor,
+                                                   sched: Scheduler,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [add_job(store, gpus=0, cpus=2) for _ in range(5)]
+    claims: list[list[int]] = []
+    original = store.claim_jobs
+    monkeypatch.setattr(store, "claim_jobs", lambda ids: claims.append(list(ids)) or original(ids))
+    sched.tick()
+    assert claims == [jobs[:4]]  # 8 CPUs: four fit, the fifth waits; one claim for the four
+    assert [launch.job_id for launch in fake.launches] == jobs[:4]
+    assert all(launch.token.startswith("orch_w_") and launch.workers == 1
+               for launch in fake.launches)
+    assert state(store, jobs[4]) == JobState.QUEUED
+
+
+def test_a_failed_submission_requeues_the_rest_of_the_tick(store: Store, fake: FakeExecutor,
+                                                           sched: Scheduler) -> None:
+    first, second = add_job(store), add_job(store)
+    calls = []
+
+    def submit_once(launch: object) -> None:
+        calls.append(launch)
+        if len(calls) > 1:
+            raise RuntimeError("dashboard went away")
+        FakeExecutor.submit(fake, launch)
+
+    fake.submit = submit_once  # type: ignore[method-assign]
+    sched.tick()
+    assert state(store, first) == JobState.PENDING and state(store, second) == JobState.QUEUED
+    assert [a.outcome for a in store.attempts(second)] == [AttemptOutcome.NOT_STARTED]
+    assert sched.unreachable_since is not None
+
+
+def test_the_queue_is_read_in_pages_in_admission_order(store: Store, fake: FakeExecutor,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "QUEUE_PAGE", 2)
+    sched = Scheduler(store, fake, Capacity(gpus=3, cpus=64, nodes=1))
+    jobs = [add_job(store, gpus=1, priority=p) for p in (0, 5, 0, 5, 1)]
+    assert [j.id for j in sched.queue()] == [jobs[1], jobs[3], jobs[4], jobs[0], jobs[2]]
+    sched.tick()  # three GPUs: the three highest, across two pages
+    assert [state(store, j) for j in jobs] == ["queued", "pending", "queued", "pending", "pending"]
+    assert sched.wait_reason(store.get_job(jobs[2])) == (  # type: ignore[arg-type]
+        "waiting for 1 GPU: 0 free, 1 job ahead")

@@ -11,21 +11,12 @@ from fastapi.testclient import TestClient
 
 from orchestrator.cluster import Capacity
 from orchestrator.server import ControlPlane, create_app
-from orchestrator.spec import build_spec
 from orchestrator.store import Store
-from tests.orchestrator.test_scheduler import FakeExecutor
+from tests.support import FakeExecutor
+from tests.support import mlm_spec_dict as spec_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "jobs" / "assets"
-
-
-def spec_dict(**training: object) -> dict:
-    return build_spec({
-        "name": "api-test", "objective": "mlm", "model": str(ASSETS / "models" / "bert-tiny"),
-        "dataset": {"train_files": [str(ASSETS / "data" / "lm" / "train.jsonl")],
-                    "eval_fraction": 0.1},
-        "resources": {"gpus": 1}, "training": {"max_steps": 5, **training},
-    }).to_dict()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,10 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import Trainer  # noqa: E402
 
+from orchestrator.api import WorkerCheckpointRef, WorkerJob  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
-from orchestrator.store import Store  # noqa: E402
-from workers.driver import resume_point  # noqa: E402
-from workers.reporting import is_complete_checkpoint  # noqa: E402
+from orchestrator.states import JobState  # noqa: E402
+from workers.attempt import resume_point  # noqa: E402
+from workers.storage import is_complete_checkpoint  # noqa: E402
 from workers.training import STAGING_DIR, run_training  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -59,22 +59,20 @@ def test_a_checkpoint_killed_mid_write_never_appears_complete(tmp_path: Path,
 
 
 def test_resume_point_skips_checkpoints_that_are_not_complete(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job = store.create_job(name="r", objective="clm", owner="o", spec={}, spec_yaml="",
-                           gpus=0, cpus=1, artifact_root=tmp_path)
-    assert job.id is not None
     complete, broken = tmp_path / "checkpoint-10", tmp_path / "checkpoint-20"
     for path in (complete, broken):
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x")
     (complete / "trainer_state.json").write_text("{}")  # the broken one lacks it
-    for step, path in ((10, complete), (20, broken)):
-        store.add_checkpoint(job.id, attempt=1, step=step, path=str(path), size_bytes=1, metrics={})
-    path, words = resume_point(store, store.get_job(job.id))
-    assert path == str(complete) and words.startswith("resuming from step 10")
+
+    def job(checkpoints: list[tuple[int, Path]], resume_from: str | None = None) -> WorkerJob:
+        return WorkerJob(job_id=1, attempt=1, state=JobState.PENDING, spec={}, artifact_dir="/",
+                         checkpoints=[WorkerCheckpointRef(step=s, path=str(p))
+                                      for s, p in checkpoints],
+                         resume_from=resume_from, parent_job_id=7 if resume_from else None)
+
+    path, step, words = resume_point(job([(20, broken), (10, complete)]))  # newest first
+    assert (path, step) == (str(complete), 10) and words.startswith("resuming from step 10")
     # Nothing usable: start over, unless the job continues another job's checkpoint.
-    fresh = SimpleNamespace(id=999, resume_from=None, parent_job_id=None)
-    assert resume_point(store, fresh) == (None, "from the start")
-    child = SimpleNamespace(id=999, resume_from=str(complete), parent_job_id=job.id)
-    assert resume_point(store, child)[0] == str(complete)
-    store.close()
+    assert resume_point(job([(20, broken)])) == (None, 0, "from the start")
+    assert resume_point(job([], resume_from=str(complete)))[:2] == (str(complete), 10)

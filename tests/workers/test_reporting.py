@@ -13,9 +13,8 @@ import pytest  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from orchestrator.spec import load_spec  # noqa: E402
-from orchestrator.store import Store  # noqa: E402
-from workers.reporting import StoreReporter, latest_complete_checkpoint  # noqa: E402
-from workers.training import run_training  # noqa: E402
+from tests.support import attempt_session  # noqa: E402
+from workers import attempt  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SMALL = ["training.max_steps=6", "training.epochs=null", "training.save_steps=2",
@@ -23,8 +22,9 @@ SMALL = ["training.max_steps=6", "training.epochs=null", "training.save_steps=2"
          "dataset.max_train_samples=64", "dataset.max_eval_samples=8", "training.logging_steps=1"]
 
 
-class Killed(RuntimeError):
-    pass
+class Killed(BaseException):
+    """The worker process dies: nothing more is recorded (not an Exception, so the attempt
+    does not report it as an error in the job)."""
 
 
 class DiesAfterLogging(TrainerCallback):
@@ -39,46 +39,47 @@ class DiesAfterLogging(TrainerCallback):
 
 
 def test_resumed_runs_leave_one_live_row_per_metric_and_step(tmp_path: Path) -> None:
-    spec, text = load_spec(JOBS / "gpt2_clm.yaml", SMALL)
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job = store.create_job(name=spec.name, objective="clm", owner="o", spec=spec.to_dict(),
-                           spec_yaml=text, gpus=0, cpus=1, artifact_root=tmp_path)
-    assert job.id is not None
-    job_id, out = job.id, tmp_path / "run"
-    # Attempt 1 died before its first checkpoint: attempt 2 starts over from step 0.
-    store.add_metrics(job_id, 1, [(0, "eval_loss", 9.0), (1, "train_loss", 9.0),
-                                  (3, "train_loss", 9.0)])
+    """The whole worker side in process, against a real control plane (its app and store):
+    a run dies after step 5, and its worker group restarts inside the same attempt from
+    checkpoint-4, which is indistinguishable by attempt from the dead group's rows."""
+    spec, _ = load_spec(JOBS / "gpt2_clm.yaml", SMALL)
+    with attempt_session(tmp_path, spec) as session:
+        store, job_id = session.store, session.job_id
+        # Attempt 0 (an earlier one) left rows: a fresh start supersedes every one of them.
+        store.add_metrics(job_id, 0, [(0, "eval_loss", 9.0), (1, "train_loss", 9.0),
+                                      (3, "train_loss", 9.0)])
+        client = session.client()
+        first = attempt.begin(client, where="on the test", details={})
+        assert first.go and first.resume_from is None
+        # flush_seconds=0: every value is sent at once, as it would be in a run long enough
+        # for the timed flushes, so the dead run leaves rows past its last checkpoint.
+        with pytest.raises(Killed):
+            attempt.train(first, client, callbacks=[DiesAfterLogging(5)], flush_seconds=0)
+        assert all(m.attempt == 1 for m in store.metrics(job_id))
+        assert max(m.step for m in store.metrics(job_id, "train_loss")) == 5
 
-    # flush_seconds=0: every value reaches the store at once, as it would in a run long
-    # enough for the timed flushes, so the dead run leaves rows past its last checkpoint.
-    first = StoreReporter(store, job_id, 2, spec, flush_seconds=0)
-    with pytest.raises(Killed):
-        run_training(spec, out, callbacks=[first, DiesAfterLogging(5)])
-    assert all(m.attempt == 2 for m in store.metrics(job_id))  # attempt 1 superseded at start
-    assert max(m.step for m in store.metrics(job_id, "train_loss")) == 5
+        # Ray Train restarts the worker group inside the same attempt: it finds the job
+        # running, records the restart and resumes from the newest complete checkpoint.
+        again = attempt.begin(client, where="on the test", details={})
+        assert again.go and again.resume_from and again.resume_from.endswith("checkpoint-4")
+        attempt.train(again, client)
+        assert store.require_job(job_id).state == "succeeded"
 
-    # Ray Train restarts the worker group inside the same attempt, from checkpoint-4: the
-    # dead group's step 5 would otherwise be indistinguishable from the new one's.
-    resume = latest_complete_checkpoint(store, job_id)
-    assert resume is not None and resume.step == 4
-    second = StoreReporter(store, job_id, 2, spec)
-    run_training(spec, out, callbacks=[second], resume_from_checkpoint=resume.path)
+        live = store.metrics(job_id)
+        # "epoch" is left out: the Trainer adds it to every log line, so a single run
+        # would log it several times at a step (only the first is kept).
+        repeated = {k: n for k, n in Counter((m.name, m.step) for m in live).items() if n > 1}
+        assert not repeated, repeated
+        assert [m.step for m in live if m.name == "train_loss"] == [1, 2, 3, 4, 5, 6]
+        assert [m.step for m in live if m.name == "eval_loss"] == [0, 2, 4, 6]
+        assert [m.step for m in live if m.name == "total_steps"] == [0, 4]  # each run's start
 
-    live = store.metrics(job_id)
-    # "epoch" is left out: the Trainer adds it to every log line, so a single run already
-    # records it once per line at a step (loss, evaluation, end-of-training summary).
-    repeated = {k: n for k, n in Counter((m.name, m.step) for m in live if m.name != "epoch").items()
-                if n > 1}
-    assert not repeated, repeated
-    assert [m.step for m in live if m.name == "train_loss"] == [1, 2, 3, 4, 5, 6]
-    assert [m.step for m in live if m.name == "eval_loss"] == [0, 2, 4, 6]
-    assert [m.step for m in live if m.name == "total_steps"] == [0, 4]  # each run's start
-
-    old = [m for m in store.metrics(job_id, include_superseded=True) if m.superseded]
-    assert {(m.attempt, m.step) for m in old if m.attempt == 1} == {(1, 0), (1, 1), (1, 3)}
-    # Of the dead group's rows only those after the checkpoint, each one rewritten since.
-    rolled_back = {(m.name, m.step) for m in old if m.attempt == 2}
-    assert ("train_loss", 5) in rolled_back and {step for _, step in rolled_back} == {5}
-    assert rolled_back <= {(m.name, m.step) for m in live}
-    assert store.latest_metrics(job_id)["train_loss"][0] == 6
-    store.close()
+        old = [m for m in store.metrics(job_id, include_superseded=True) if m.superseded]
+        assert {(m.attempt, m.step) for m in old if m.attempt == 0} == {(0, 0), (0, 1), (0, 3)}
+        # Of the dead group's rows only those after the checkpoint, each one rewritten since.
+        rolled_back = {(m.name, m.step) for m in old if m.attempt == 1}
+        assert ("train_loss", 5) in rolled_back and {step for _, step in rolled_back} == {5}
+        assert rolled_back <= {(m.name, m.step) for m in live}
+        assert store.latest_metrics(job_id)["train_loss"][0] == 6
+        restarts = [e for e in store.events(job_id) if "restarted the worker group" in e.reason]
+        assert [e.details["resume_step"] for e in restarts] == [4]

@@ -16,13 +16,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from transformers import TrainerCallback  # noqa: E402
+
 from orchestrator.spec import SpecError, load_spec  # noqa: E402
-from orchestrator.store import Store  # noqa: E402
-from tests.support import make_bucket  # noqa: E402
-from workers import storage  # noqa: E402
-from workers.reporting import StoreReporter, latest_complete_checkpoint  # noqa: E402
+from tests.support import (
+    attempt_session,  # noqa: E402
+    make_bucket,  # noqa: E402
+)
+from workers import (
+    attempt,  # noqa: E402
+    storage,  # noqa: E402
+)
 from workers.storage import RESUME_DIR, STAGING_DIR  # noqa: E402
-from workers.training import run_training  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SMALL = ["training.max_steps=6", "training.epochs=null", "training.save_steps=2",
@@ -104,52 +109,58 @@ def test_spec_accepts_object_store_urls_and_refuses_the_rest(tmp_path: Path) -> 
 def test_training_uploads_checkpoints_and_resumes_from_the_bucket(bucket: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    spec, _ = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "checkpoints.keep_last=1"])
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job = store.create_job(name="s3", objective="clm", owner="o", spec=spec.to_dict(),
-                           spec_yaml="", gpus=0, cpus=1, artifact_root=tmp_path / "jobs")
-    assert job.id is not None
-    artifacts = storage.job_artifacts(f"{bucket}/team", job.id, job.artifact_dir)
-    # What an attempt that died mid-upload left under checkpoint-4: cleared before the upload.
-    storage.upload(fake_checkpoint(tmp_path / "junk"), artifacts.checkpoint(4))
+    spec, _ = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "checkpoints.keep_last=1",
+                                                  f"checkpoints.storage={bucket}/team"])
+    with attempt_session(tmp_path, spec) as session:
+        store, job_id = session.store, session.job_id
+        job = store.require_job(job_id)
+        artifacts = storage.job_artifacts(f"{bucket}/team", job_id, job.artifact_dir)
+        # What an attempt that died mid-upload left under checkpoint-4: cleared before the
+        # upload.
+        storage.upload(fake_checkpoint(tmp_path / "junk"), artifacts.checkpoint(4))
 
-    reporter = StoreReporter(store, job.id, 1, spec, upload_to=artifacts.url)
-    metrics = run_training(spec, artifacts.local_dir, callbacks=[reporter], upload_to=artifacts.url)
-    reporter.final_model(reporter.last_step, artifacts.final, metrics)
+        client = session.client()
+        decision = attempt.begin(client, where="here", details={})
+        attempt.train(decision, client)
 
-    ckpts = store.checkpoints(job.id, include_deleted=True)
-    assert [(c.step, c.kind, c.path) for c in ckpts] == [
-        (2, "checkpoint", artifacts.checkpoint(2)), (4, "checkpoint", artifacts.checkpoint(4)),
-        (6, "checkpoint", artifacts.checkpoint(6)), (6, "final", artifacts.final)]
-    live = [c for c in ckpts if not c.deleted]
-    for ckpt in ckpts:  # retention deletes from the bucket what it marks deleted
-        assert storage.is_complete_checkpoint(ckpt.path) == (ckpt in live and ckpt.kind == "checkpoint")
-        assert ckpt.size_bytes > 0
-    assert "extra.bin" not in str(storage.list_files(artifacts.checkpoint(4)))
-    # The node's disk was only a staging area.
-    local = Path(job.artifact_dir)
-    assert not any((local / "checkpoints" / STAGING_DIR).rglob("*"))
-    assert not (local / "checkpoints" / "checkpoint-6").exists() and not (local / "final").exists()
-    final = storage.download(artifacts.final, tmp_path / "final")
-    assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "gpt2"
+        ckpts = store.checkpoints(job_id, include_deleted=True)
+        assert [(c.step, c.kind, c.path) for c in ckpts] == [
+            (2, "checkpoint", artifacts.checkpoint(2)), (4, "checkpoint", artifacts.checkpoint(4)),
+            (6, "checkpoint", artifacts.checkpoint(6)), (6, "final", artifacts.final)]
+        live = [c for c in ckpts if not c.deleted]
+        for ckpt in ckpts:  # retention deletes from the bucket what it marks deleted
+            assert storage.is_complete_checkpoint(ckpt.path) == (
+                ckpt in live and ckpt.kind == "checkpoint")
+            assert ckpt.size_bytes > 0
+        assert "extra.bin" not in str(storage.list_files(artifacts.checkpoint(4)))
+        # The node's disk was only a staging area.
+        local = Path(job.artifact_dir)
+        assert not any((local / "checkpoints" / STAGING_DIR).rglob("*"))
+        assert not (local / "checkpoints" / "checkpoint-6").exists()
+        assert not (local / "final").exists()
+        final = storage.download(artifacts.final, tmp_path / "final")
+        assert AutoModelForCausalLM.from_pretrained(final).config.model_type == "gpt2"
 
-    # Resume from the newest live checkpoint in the bucket: steps 7-8 only.
-    latest = latest_complete_checkpoint(store, job.id)
-    assert latest is not None and latest.path == artifacts.checkpoint(6)
-    more, _ = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "training.max_steps=8"])
-    seen: list[int] = []
+        # `orch resume` of it: a new job whose worker fetches the newest live checkpoint
+        # from the bucket and trains steps 7-8 only.
+        more, _ = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "training.max_steps=8",
+                                                      f"checkpoints.storage={bucket}/team"])
+        seen: list[int] = []
 
-    class Steps(StoreReporter):
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            seen.append(state.global_step)
+        class Steps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                seen.append(state.global_step)
 
-    resumed = Steps(store, job.id, 2, more, upload_to=artifacts.url)
-    run_training(more, artifacts.local_dir, callbacks=[resumed], resume_from_checkpoint=latest.path,
-                 upload_to=artifacts.url)
-    assert seen == [7, 8]
-    assert storage.is_complete_checkpoint(artifacts.checkpoint(8))
-    assert not (local / RESUME_DIR).exists()  # the fetched copy is gone
-    store.close()
+        new_id = session.submit(more, parent_job_id=job_id, resume_from=artifacts.checkpoint(6))
+        client = session.client(new_id)
+        decision = attempt.begin(client, where="here", details={})
+        assert decision.resume_from == artifacts.checkpoint(6)
+        attempt.train(decision, client, callbacks=[Steps()])
+        assert seen == [7, 8]
+        new = store.require_job(new_id)
+        new_artifacts = storage.job_artifacts(f"{bucket}/team", new_id, new.artifact_dir)
+        assert storage.is_complete_checkpoint(new_artifacts.checkpoint(8))
+        assert not (Path(new.artifact_dir) / RESUME_DIR).exists()  # the fetched copy is gone
 
 
 def test_preflight_refuses_a_bucket_that_is_not_there(bucket: str) -> None:

@@ -1,0 +1,263 @@
+"""The HTTP API's request and response models, shared by the server (`response_model=`)
+and its clients (the CLI, and the workers reporting on their attempt).
+
+The JSON keys are the ones `orch ... -o json` documents; keep them stable. Times are
+ISO 8601 in UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.models import (
+    Attempt,
+    AttemptOutcome,
+    Checkpoint,
+    CheckpointKind,
+    Job,
+    JobEvent,
+    Metric,
+)
+from orchestrator.states import JobState
+
+# Bounds on what a client may send (the body itself is capped by the server too).
+MAX_TEXT = 4096
+MAX_LIST = 1000
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- jobs --------------------------------------------------------------------------------
+class SubmitRequest(_Request):
+    spec: dict[str, Any]  # validated and path-resolved by the client; validated again here
+    spec_yaml: str = Field(default="", max_length=256 * 1024)
+
+
+class JobSummary(_Model):
+    id: int
+    name: str
+    objective: str
+    owner: str
+    state: JobState
+    priority: int
+    gpus: int
+    cpus: int
+    attempts: int
+    max_attempts: int
+    error: str | None
+    artifact_dir: str
+    parent_job_id: int | None
+    resume_from: str | None
+    ray_submission_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobSummary:
+        return cls.model_validate(job, from_attributes=True)
+
+
+class EventView(_Model):
+    from_state: JobState | None = Field(serialization_alias="from", validation_alias="from")
+    to_state: JobState = Field(serialization_alias="to", validation_alias="to")
+    reason: str
+    at: datetime
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventView:
+        return cls(from_state=event.from_state, to_state=event.to_state, reason=event.reason,
+                   at=event.at, details=event.details or {})
+
+
+class AttemptView(_Model):
+    attempt: int
+    ray_submission_id: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: AttemptOutcome
+    cause: str | None
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptView:
+        return cls.model_validate(attempt, from_attributes=True)
+
+
+class MetricValue(_Model):
+    step: int
+    value: float
+
+
+class JobDetail(JobSummary):
+    spec: dict[str, Any]
+    events: list[EventView]
+    attempt_history: list[AttemptView]
+    metrics: dict[str, MetricValue]  # each metric's latest live value
+    wait_reason: str | None
+
+
+class MetricView(_Model):
+    step: int
+    name: str
+    value: float
+    attempt: int
+    superseded: bool
+
+    @classmethod
+    def of(cls, metric: Metric) -> MetricView:
+        return cls.model_validate(metric, from_attributes=True)
+
+
+class MetricsResponse(_Model):
+    id: int
+    metrics: list[MetricView]
+
+
+class CheckpointView(_Model):
+    id: int
+    step: int
+    path: str
+    size_bytes: int
+    kind: CheckpointKind
+    metrics: dict[str, Any]
+    is_best: bool
+    is_latest: bool
+    deleted: bool
+    attempt: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> CheckpointView:
+        return cls.model_validate(checkpoint, from_attributes=True)
+
+
+class CheckpointsResponse(_Model):
+    id: int
+    checkpoints: list[CheckpointView]
+
+
+class LogsResponse(_Model):
+    id: int
+    state: JobState
+    offset: int  # pass it back to read on from here
+    text: str
+
+
+class CancelResponse(_Model):
+    cancelled: bool
+    message: str
+    job: JobSummary
+
+
+class ClusterInfo(_Model):
+    gpus: int
+    cpus: int
+    nodes: int
+    free_gpus: int
+    free_cpus: int
+    jobs_url: str | None
+
+
+class ErrorBody(_Model):
+    detail: str
+    problems: list[str] | None = None
+
+
+# -- workers reporting on their attempt (authenticated by the attempt's token) -----------
+class WorkerCheckpointRef(_Model):
+    step: int
+    path: str
+
+
+class WorkerJob(_Model):
+    """What a worker needs to run its attempt, from the control plane."""
+
+    job_id: int
+    attempt: int
+    state: JobState
+    spec: dict[str, Any]
+    artifact_dir: str
+    # Resume candidates, newest first: the job's registered checkpoints, then the
+    # checkpoint `orch resume` started this job from. The worker takes the first whose
+    # files are complete where it runs.
+    checkpoints: list[WorkerCheckpointRef]
+    resume_from: str | None
+    parent_job_id: int | None
+
+
+class WorkerStarted(_Request):
+    """The attempt's run starts (pending -> running), or a restarted worker group's run
+    starts again inside the same attempt (`restart`)."""
+
+    restart: bool = False
+    start_step: int = Field(ge=0)  # the resumed checkpoint's step; 0 for a fresh start
+    restated: list[str] = Field(default_factory=list, max_length=100)
+    reason: str = Field(max_length=MAX_TEXT)
+    details: dict[str, Any] = Field(default_factory=dict)
+    key: str = Field(min_length=1, max_length=64)  # applied once, however often it is sent
+
+
+class WorkerStartedResponse(_Model):
+    go: bool  # False: the job is no longer the attempt's to run (cancelled, say)
+    state: JobState
+
+
+class WorkerEvent(_Request):
+    reason: str = Field(max_length=MAX_TEXT)
+    details: dict[str, Any] = Field(default_factory=dict)
+    key: str = Field(min_length=1, max_length=64)
+
+
+class WorkerMetrics(_Request):
+    # (step, name, value); a row already recorded for this attempt is ignored.
+    rows: list[tuple[int, str, float]] = Field(max_length=10_000)
+
+
+class WorkerMetricsResponse(_Model):
+    added: int
+
+
+class WorkerCheckpoint(_Request):
+    step: int = Field(ge=0)
+    path: str = Field(min_length=1, max_length=MAX_TEXT)
+    size_bytes: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class WorkerCheckpointResponse(_Model):
+    id: int
+    # Checkpoints retention dropped: delete their files, then report them deleted.
+    delete: list[WorkerCheckpointRef]
+    delete_ids: list[int]
+
+
+class WorkerDeleted(_Request):
+    ids: list[int] = Field(max_length=MAX_LIST)
+
+
+class WorkerFinished(_Request):
+    """How the attempt ended, from the worker's side."""
+
+    outcome: Literal["succeeded", "failed"]
+    reason: str = Field(max_length=MAX_TEXT)
+    # failed: the error in the job itself (never retried).
+    error: str | None = Field(default=None, max_length=MAX_TEXT)
+    # succeeded: the final model.
+    final: WorkerCheckpoint | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkerLogsResponse(_Model):
+    # The attempt's log length on the server, in bytes, after this chunk (the chunk is the
+    # raw request body, sent with ?offset= where it starts).
+    size: int

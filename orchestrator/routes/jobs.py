@@ -1,0 +1,190 @@
+"""The jobs API people use (through the CLI): submit, list, inspect, cancel, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
+
+from orchestrator.api import (
+    AttemptView,
+    CancelResponse,
+    CheckpointsResponse,
+    CheckpointView,
+    ClusterInfo,
+    EventView,
+    JobDetail,
+    JobSummary,
+    LogsResponse,
+    MetricsResponse,
+    MetricValue,
+    MetricView,
+    SubmitRequest,
+)
+from orchestrator.auth import User, current_user, plane_of
+from orchestrator.errors import Conflict, InvalidRequest, SpecError
+from orchestrator.joblogs import read_logs
+from orchestrator.models import CheckpointKind, Job
+from orchestrator.preflight import preflight
+from orchestrator.spec import JobSpec, spec_from_dict
+from orchestrator.states import JobState
+
+router = APIRouter(dependencies=[Depends(current_user)])
+JobId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="a job id")]
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def parse_states(text: str | None) -> list[JobState] | None:
+    """`running,queued` -> the states; an unknown name is a 422 that lists the valid ones."""
+    if not text:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    valid = [s.value for s in JobState]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise InvalidRequest(f"state: unknown {', '.join(unknown)}; use one or more of "
+                             f"{', '.join(valid)}")
+    return [JobState(n) for n in names]
+
+
+def _artifact_root(spec: JobSpec) -> Path | None:
+    """Where the job's artifact dir goes: the storage path, or (storage a URL, or none) the
+    default root on this node, which then holds only logs and staging."""
+    storage = spec.checkpoints.storage
+    return Path(storage) if storage and "://" not in storage else None
+
+
+@router.get("/cluster", response_model=ClusterInfo)
+def cluster_info(request: Request) -> ClusterInfo:
+    plane = plane_of(request)
+    cap, free = plane.scheduler.capacity, plane.scheduler.free()
+    return ClusterInfo(gpus=cap.gpus, cpus=cap.cpus, nodes=cap.nodes, free_gpus=free.gpus,
+                       free_cpus=free.cpus, jobs_url=getattr(plane.executor, "jobs_url", None))
+
+
+@router.post("/jobs", status_code=201, response_model=JobSummary)
+def submit(body: SubmitRequest, request: Request, user: CurrentUser) -> JobSummary:
+    plane = plane_of(request)
+    spec = spec_from_dict(body.spec)
+    problems = preflight(spec)
+    # The store's gpus/cpus are the whole job's (every worker's), which admission counts.
+    gpus, cpus = spec.resources.gpus, spec.resources.total_cpus
+    if reason := plane.scheduler.never_fits(gpus, cpus):
+        problems.append(reason)
+    if reason := plane.scheduler.multi_node_problem(spec):
+        problems.append(reason)
+    if problems:
+        raise SpecError(problems)
+    job = plane.store.create_job(
+        name=spec.name, objective=spec.objective.value, owner=user.name,
+        spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=gpus, cpus=cpus,
+        priority=spec.priority, max_attempts=spec.retries + 1,
+        artifact_root=_artifact_root(spec),
+    )
+    plane.wake()
+    return JobSummary.of(job)
+
+
+@router.get("/jobs", response_model=list[JobSummary])
+def list_jobs(request: Request, state: str | None = None, owner: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[JobSummary]:
+    jobs = plane_of(request).store.list_jobs(states=parse_states(state), owner=owner,
+                                             limit=limit)
+    return [JobSummary.of(j) for j in jobs]
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail)
+def status(job_id: JobId, request: Request) -> JobDetail:
+    plane = plane_of(request)
+    job = plane.store.require_job(job_id)
+    return JobDetail(
+        **JobSummary.of(job).model_dump(),
+        spec=job.spec,
+        events=[EventView.of(e) for e in plane.store.events(job_id)],
+        attempt_history=[AttemptView.of(a) for a in plane.store.attempts(job_id)],
+        metrics={name: MetricValue(step=step, value=value)
+                 for name, (step, value) in plane.store.latest_metrics(job_id).items()},
+        wait_reason=plane.scheduler.wait_reason(job) if job.state == JobState.QUEUED else None,
+    )
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=CancelResponse)
+def cancel(job_id: JobId, request: Request, user: CurrentUser) -> CancelResponse:
+    plane = plane_of(request)
+    plane.store.require_job(job_id)
+    changed, message = plane.scheduler.cancel(job_id, f"cancelled by {user.name}",
+                                              user=user.name)
+    plane.wake()
+    return CancelResponse(cancelled=changed, message=message,
+                          job=JobSummary.of(plane.store.require_job(job_id)))
+
+
+@router.post("/jobs/{job_id}/resume", status_code=201, response_model=JobSummary)
+def resume(job_id: JobId, request: Request, user: CurrentUser) -> JobSummary:
+    """A failed or cancelled job continues as a new job from its latest checkpoint.
+
+    The old job keeps its terminal state (terminal states never change); the new one
+    records where it came from (`parent_job_id`, `resume_from`).
+    """
+    plane = plane_of(request)
+    old = plane.store.require_job(job_id)
+    if old.state not in (JobState.FAILED, JobState.CANCELLED):
+        raise Conflict(f"job {job_id} is {old.state.value}; only failed or cancelled jobs can "
+                       "be resumed")
+    latest = latest_complete_checkpoint(plane.store.checkpoints(job_id))
+    if latest is None:
+        raise Conflict(f"job {job_id} has no complete checkpoint to resume from; submit its "
+                       "spec again instead")
+    job = plane.store.create_job(
+        name=old.name, objective=old.objective, owner=user.name, spec=old.spec,
+        spec_yaml=old.spec_yaml, gpus=old.gpus, cpus=old.cpus, priority=old.priority,
+        max_attempts=old.max_attempts, parent_job_id=job_id, resume_from=latest[1],
+        artifact_root=_artifact_root(spec_from_dict(old.spec)),
+        reason=f"submitted by {user.name}: resume of job {job_id} from step {latest[0]}",
+        details={"resumes": job_id, "resume_step": latest[0], "resume_from": latest[1]},
+    )
+    plane.wake()
+    return JobSummary.of(job)
+
+
+def latest_complete_checkpoint(checkpoints: list) -> tuple[int, str] | None:  # type: ignore[type-arg]
+    """(step, path) of the newest resumable checkpoint whose files are still there."""
+    from workers.storage import is_complete_checkpoint
+
+    for ckpt in reversed(checkpoints):  # newest step first
+        if ckpt.kind == CheckpointKind.CHECKPOINT and is_complete_checkpoint(ckpt.path):
+            return ckpt.step, ckpt.path
+    return None
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=MetricsResponse)
+def metrics(job_id: JobId, request: Request, name: str | None = None,
+            all: bool = False) -> MetricsResponse:
+    plane = plane_of(request)
+    plane.store.require_job(job_id)
+    rows = plane.store.metrics(job_id, name=name, include_superseded=all)
+    return MetricsResponse(id=job_id, metrics=[MetricView.of(m) for m in rows])
+
+
+@router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointsResponse)
+def checkpoints(job_id: JobId, request: Request, all: bool = False) -> CheckpointsResponse:
+    plane = plane_of(request)
+    plane.store.require_job(job_id)
+    rows = plane.store.checkpoints(job_id, include_deleted=all)
+    return CheckpointsResponse(id=job_id, checkpoints=[CheckpointView.of(c) for c in rows])
+
+
+@router.get("/jobs/{job_id}/logs", response_model=LogsResponse)
+def logs(job_id: JobId, request: Request,
+         offset: Annotated[int, Query(ge=0)] = 0) -> LogsResponse:
+    plane = plane_of(request)
+    job: Job = plane.store.require_job(job_id)
+    # The control plane's copy first: it outlives the Ray cluster. Ray's own logs are the
+    # fallback for a job whose driver has not sent anything yet.
+    text = read_logs(plane.settings.home_dir(), job_id)
+    if text is None:
+        text = (plane.executor.logs(job.ray_submission_id) if job.ray_submission_id
+                else None) or ""
+    return LogsResponse(id=job_id, state=job.state, offset=len(text), text=text[offset:])

@@ -1,0 +1,192 @@
+"""Every `ORCH_*` setting in one object, read once per process.
+
+`get_settings()` parses the `ORCH_*` variables the first time it is called and returns the
+same frozen `Settings` from then on; nothing else in orch reads them. (The cache is keyed by
+the variables' values, so a process that changes them on purpose, such as a test, gets
+settings that match.) A bad value stops the process with one line naming the variable
+(`SettingsError`), before anything is started or written.
+
+The README's configuration table is generated from the field descriptions here
+(`python -m orchestrator.settings`), and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.errors import SettingsError
+
+# Ray's default worker port range: a Ray client server port inside it collides with a worker.
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def _used_by(who: str) -> dict[str, Any]:
+    return {"used_by": who}
+
+
+class Settings(BaseSettings):
+    """orch's configuration. Field `x` is read from the environment variable `ORCH_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore", frozen=True)
+
+    # -- where state lives ----------------------------------------------------------------
+    home: Path = Field(
+        Path("~/.orch"), json_schema_extra=_used_by("both"),
+        description="database, job artifacts (`jobs/<id>/`), server log, local Ray token")
+    database_url: str | None = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="any SQLAlchemy URL, e.g. `postgresql+psycopg://user@db:5432/orch`; "
+                    "default `sqlite:///$ORCH_HOME/orch.db`")
+
+    # -- the CLI's way to the control plane -------------------------------------------------
+    server_url: str | None = Field(
+        None, json_schema_extra=_used_by("CLI"),
+        description="a team's orch server; unset: a local server the CLI starts on demand")
+    api_token: str | None = Field(
+        None, json_schema_extra=_used_by("both"),
+        description="on the server: require `Authorization: Bearer <token>`; on the CLI: "
+                    "send it")
+    user: str | None = Field(
+        None, json_schema_extra=_used_by("CLI"),
+        description="the owner name the CLI submits as; default the OS user")
+
+    # -- the local cluster and server -------------------------------------------------------
+    server_port: int = Field(8770, ge=1, le=65535, json_schema_extra=_used_by("both"),
+                             description="port of the local control plane")
+    ray_port: int = Field(6390, ge=1, le=65535, json_schema_extra=_used_by("both"),
+                          description="GCS port of the local Ray cluster (not 6379: Redis's)")
+    ray_dashboard_port: int = Field(8265, ge=1, le=65535, json_schema_extra=_used_by("both"),
+                                    description="Jobs API / dashboard port of the local Ray "
+                                                "cluster")
+    ray_client_port: int = Field(10001, ge=1, le=65535, json_schema_extra=_used_by("both"),
+                                 description="Ray client server port of the local cluster; "
+                                             "must be outside Ray's worker ports 10002-19999")
+    ray_agent_port: int = Field(52365, ge=1, le=65535, json_schema_extra=_used_by("both"),
+                                description="dashboard agent port of the local Ray cluster")
+    ray_num_gpus: int | None = Field(None, ge=0, json_schema_extra=_used_by("both"),
+                                     description="GPUs the local cluster declares (fake GPUs "
+                                                 "on a CPU machine exercise GPU scheduling); "
+                                                 "default detected")
+    ray_num_cpus: int | None = Field(None, ge=1, json_schema_extra=_used_by("both"),
+                                     description="CPUs the local cluster declares; default "
+                                                 "detected")
+    worker_python: str | None = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="the interpreter Ray Jobs run on the cluster; default the server's own")
+
+    # -- the control plane's policy ---------------------------------------------------------
+    auth: Literal["local", "users"] = Field(
+        "local", json_schema_extra=_used_by("server"),
+        description="`local`: one person, the token in `$ORCH_HOME/api_token`; `users`: a "
+                    "team server, every request needs a user's token (`orch server --auth`)")
+    executor: Literal["ray", "noop"] = Field(
+        "ray", json_schema_extra=_used_by("server"),
+        description="`ray`, or `noop` to measure the control plane alone (jobs succeed at "
+                    "once)")
+    scheduler_interval: float = Field(0.5, gt=0, le=60, json_schema_extra=_used_by("server"),
+                                      description="seconds between scheduler ticks (submit "
+                                                  "and cancel also wake it)")
+    cluster_loss_grace: float = Field(30.0, ge=0, json_schema_extra=_used_by("server"),
+                                      description="seconds Ray may be unreachable before "
+                                                  "running jobs are retried or failed")
+    user_gpu_cap: int | None = Field(None, ge=0, json_schema_extra=_used_by("server"),
+                                     description="most GPUs one user's jobs may hold at once "
+                                                 "(more waits); unset: no cap")
+    noop_gpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
+                           description="GPUs the `noop` executor pretends to have")
+    noop_cpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
+                           description="CPUs the `noop` executor pretends to have")
+    advertised_url: str | None = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="the URL Ray workers reach this server at, to report on their attempt; "
+                    "default `http://127.0.0.1:<port>` (right for a local cluster; a team "
+                    "server behind a Service sets its in-cluster address)")
+
+    # -- set by orch in every Ray Job's environment (not for people to set) -----------------
+    attempt_token: str | None = Field(
+        None, json_schema_extra=_used_by("worker"),
+        description="set by orch for a Ray Job: the attempt's reporting token, good for that "
+                    "attempt of that job only")
+    ray_gcs_address: str | None = Field(
+        None, json_schema_extra=_used_by("worker"),
+        description="set by orch for a Ray Job on a local cluster: which cluster to join "
+                    "(several may share a machine)")
+    report_timeout: float = Field(
+        600.0, gt=0, json_schema_extra=_used_by("worker"),
+        description="seconds a worker keeps retrying a report while the control plane is "
+                    "unreachable before it gives the attempt up")
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("ray_client_port")
+    @classmethod
+    def _outside_worker_ports(cls, value: int) -> int:
+        if value in RAY_WORKER_PORTS:
+            raise ValueError(
+                f"{value} is inside Ray's worker port range {RAY_WORKER_PORTS.start}-"
+                f"{RAY_WORKER_PORTS.stop - 1}, where a worker would take it; pick a port "
+                "outside it, e.g. 10001")
+        return value
+
+    # -- derived values ---------------------------------------------------------------------
+    def home_dir(self) -> Path:
+        """`home`, created on first use."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self.home
+
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir()}/orch.db"
+
+    def local_server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+def env_name(field: str) -> str:
+    return f"ORCH_{field.upper()}"
+
+
+def _one_line(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        name = env_name(str(item["loc"][0])) if item["loc"] else "ORCH_*"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}={item.get('input')!r}: {message}")
+    return problems
+
+
+def get_settings() -> Settings:
+    """The process's settings, parsed from the environment on first use."""
+    return _parse(frozenset((k, v) for k, v in os.environ.items() if k.startswith("ORCH_")))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(variables: frozenset[tuple[str, str]]) -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+def settings_table() -> str:
+    """The README's configuration table, from the field descriptions."""
+    rows = ["| variable | default | used by | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = ("unset" if default is None else f"`{default}`")
+        used_by = (field.json_schema_extra or {}).get("used_by", "")  # type: ignore[union-attr]
+        rows.append(f"| `{env_name(name)}` | {shown} | {used_by} | {field.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_table())

@@ -1,0 +1,377 @@
+"""Jobs, their state machine moves, their events and their attempts.
+
+Every state change is a guarded compare-and-set (`UPDATE ... WHERE id = ? AND state = ?`)
+recorded as a JobEvent in the same transaction; admission claims a whole tick's jobs that
+way in one transaction (`claim_jobs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from orchestrator.errors import InvalidRequest, InvalidTransition, NotFound
+from orchestrator.models import Attempt, AttemptOutcome, Job, JobEvent, utcnow
+from orchestrator.settings import get_settings
+from orchestrator.states import ACTIVE_STATES, JobState, can_transition
+from orchestrator.store.base import StoreBase, check_aware, check_json
+from orchestrator.store.metrics import supersede_in
+from orchestrator.tokens import WORKER_PREFIX, new_token, token_hash
+
+_TRANSITION_FIELDS = frozenset({"ray_submission_id", "error", "attempts", "started_at"})
+# Managed by the store itself; everything else on a job is bookkeeping update_job may set.
+_MANAGED_FIELDS = frozenset({"id", "state", "created_at", "updated_at"})
+
+
+def submission_id(job_id: int, attempt: int) -> str:
+    """The Ray Job submission id of a job's attempt: deterministic, so a restarted control
+    plane finds its jobs again."""
+    return f"orch-{job_id}-{attempt}"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job admission claimed (queued -> pending), ready to hand to Ray."""
+
+    job_id: int
+    attempt: int
+    submission_id: str
+    gpus: int
+    cpus: int
+    # The attempt's worker token, in plain text this once: it goes into the Ray Job's
+    # environment and nowhere else; the database keeps only its hash.
+    token: str
+    previous_submission_id: str | None
+
+
+@dataclass(frozen=True)
+class Supersede:
+    """A run about to start from `after_step` (None: from the beginning) will write the
+    job's later metrics again: mark the rows already there (and those at `after_step`
+    named in `restated`) superseded, in the same transaction as the move that starts it."""
+
+    after_step: int | None
+    restated: Sequence[str] = ()
+
+
+class JobsStore(StoreBase):
+    # -- jobs -------------------------------------------------------------------------
+    def create_job(
+        self,
+        *,
+        name: str,
+        objective: str,
+        owner: str,
+        spec: dict[str, Any],
+        spec_yaml: str,
+        gpus: int,
+        cpus: int,
+        priority: int = 0,
+        max_attempts: int = 1,
+        artifact_root: Path | None = None,
+        parent_job_id: int | None = None,
+        resume_from: str | None = None,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> Job:
+        for label, value in (("name", name), ("objective", objective), ("owner", owner)):
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidRequest(f"{label} must be a non-empty string")
+        check_json("spec", spec)
+        if gpus < 0 or cpus < 0:
+            raise InvalidRequest(f"gpus and cpus must be >= 0, got gpus={gpus} cpus={cpus}")
+        if max_attempts < 1:
+            raise InvalidRequest(f"max_attempts must be >= 1, got {max_attempts}")
+        root = (Path(artifact_root) if artifact_root else get_settings().home_dir() / "jobs")
+        now = utcnow()
+        job = Job(
+            name=name, objective=objective, owner=owner, state=JobState.QUEUED,
+            priority=int(priority), spec=spec, spec_yaml=spec_yaml, gpus=int(gpus),
+            cpus=int(cpus), max_attempts=int(max_attempts), parent_job_id=parent_job_id,
+            resume_from=resume_from,
+            artifact_dir="",  # needs the id; set after the INSERT, same transaction
+            created_at=now, updated_at=now,
+        )
+        with self._writing() as session:
+            session.add(job)
+            session.flush()
+            assert job.id is not None
+            job.artifact_dir = str(root.absolute() / str(job.id))
+            session.add(JobEvent(job_id=job.id, from_state=None, to_state=JobState.QUEUED,
+                                 reason=reason or f"submitted by {owner}", at=now,
+                                 details={"user": owner, **(details or {})}))
+        return job
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self._read() as session:
+            return session.get(Job, job_id)
+
+    def require_job(self, job_id: int) -> Job:
+        """The job, or NotFound."""
+        job = self.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState] | None = None,
+        owner: str | None = None,
+        limit: int | None = None,
+        before_id: int | None = None,
+    ) -> list[Job]:
+        """Newest first; `before_id` pages backwards (jobs with a smaller id)."""
+        query = select(Job).order_by(col(Job.id).desc())
+        if states is not None:
+            query = query.where(col(Job.state).in_([JobState(s) for s in states]))
+        if owner is not None:
+            query = query.where(col(Job.owner) == owner)
+        if before_id is not None:
+            query = query.where(col(Job.id) < before_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def queued_jobs(self, limit: int | None = None,
+                    after: tuple[int, int] | None = None) -> list[Job]:
+        """The queue in scheduling order: priority high to low, then first come first.
+        Paged: `limit` jobs after the (priority, id) position `after` (an index range scan
+        on ix_jobs_queue, so a page costs the same however long the queue is)."""
+        query = select(Job).where(col(Job.state) == JobState.QUEUED)
+        if after is not None:
+            priority, job_id = after
+            query = query.where((col(Job.priority) < priority)
+                                | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
+        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """owner -> (GPUs, CPUs) their pending and running jobs hold: one aggregate query."""
+        query = (select(Job.owner, func.sum(Job.gpus), func.sum(Job.cpus))
+                 .where(col(Job.state).in_(list(ACTIVE_STATES))).group_by(col(Job.owner)))
+        with self._read() as session:
+            return {owner: (int(g or 0), int(c or 0)) for owner, g, c in session.execute(query)}
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        """Set non-state bookkeeping fields (e.g. ray_submission_id, error)."""
+        if "state" in fields:
+            raise InvalidRequest("update_job() cannot set state; use transition()")
+        bad = (set(fields) & _MANAGED_FIELDS) | (set(fields) - set(Job.model_fields))
+        if bad:
+            raise InvalidRequest(f"update_job() cannot set {sorted(bad)}")
+        if not fields:
+            return
+        for name in ("started_at", "finished_at"):
+            check_aware(name, fields.get(name))
+        if "spec" in fields:
+            check_json("spec", fields["spec"])
+        with self._writing() as session:
+            result = session.execute(
+                update(Job).where(col(Job.id) == job_id).values(**fields, updated_at=utcnow())
+                .execution_options(synchronize_session=False))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"job {job_id} not found")
+
+    # -- the state machine --------------------------------------------------------------
+    def transition(
+        self,
+        job_id: int,
+        target: JobState,
+        reason: str,
+        *,
+        expected: Iterable[JobState] | None = None,
+        attempt_started: str | None = None,
+        attempt_ended: tuple[AttemptOutcome, str | None] | None = None,
+        details: dict[str, Any] | None = None,
+        supersede: Supersede | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a job to `target` if the state machine allows it; True when it moved.
+
+        Returns False, changing nothing, when the job is missing or terminal, its state is
+        not in `expected`, the move is not allowed, or a concurrent writer changed the state
+        first.
+
+        In the same transaction: `attempt_started` (a Ray submission id) opens the row of
+        attempt `fields["attempts"]`; `attempt_ended` (outcome, cause) closes the row of the
+        job's current attempt (and with it the attempt's worker token); `supersede` marks
+        the metrics the run now starting will write again.
+        """
+        try:
+            target = JobState(target)
+        except ValueError:
+            raise InvalidRequest(f"no state {target!r}") from None
+        unknown = set(fields) - _TRANSITION_FIELDS
+        if unknown:
+            raise InvalidRequest(f"transition() cannot set {sorted(unknown)}")
+        check_aware("started_at", fields.get("started_at"))
+        if details is not None:
+            check_json("details", details)
+        if attempt_started is not None and "attempts" not in fields:
+            raise InvalidRequest("attempt_started needs attempts=<the attempt's number>")
+        allowed_from: frozenset[JobState] | None = None
+        if expected is not None:
+            allowed_from = frozenset(JobState(s) for s in expected)
+            impossible = sorted(s.value for s in allowed_from if not can_transition(s, target))
+            if impossible:
+                raise InvalidTransition(f"{target.value} cannot be reached from {impossible}")
+
+        with self._writing() as session:
+            row = self._read_state(session, job_id)
+            if row is None:
+                return False
+            current, started_at = row
+            if (current.is_terminal or (allowed_from is not None and current not in allowed_from)
+                    or not can_transition(current, target)):
+                return False
+            now = utcnow()
+            values: dict[str, Any] = {"state": target, "updated_at": now, **fields}
+            if target is JobState.RUNNING and started_at is None:
+                values.setdefault("started_at", now)
+            if target.is_terminal:
+                values["finished_at"] = now
+            # The compare-and-set: only moves the job if nobody moved it since we read it.
+            result = session.execute(
+                update(Job).where(col(Job.id) == job_id, col(Job.state) == current)
+                .values(**values).execution_options(synchronize_session=False))
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            session.add(JobEvent(job_id=job_id, from_state=current, to_state=target,
+                                 reason=reason, at=now, details=details))
+            if attempt_started is not None:
+                session.add(Attempt(job_id=job_id, attempt=int(fields["attempts"]),
+                                    ray_submission_id=attempt_started, started_at=now))
+            if attempt_ended is not None:
+                self._end_attempt(session, job_id, attempt_ended, now)
+            if supersede is not None:
+                supersede_in(session, job_id, supersede.after_step, supersede.restated)
+        return True
+
+    @staticmethod
+    def _end_attempt(session: Session, job_id: int,
+                     ended: tuple[AttemptOutcome, str | None], now: datetime) -> None:
+        number = session.execute(select(Job.attempts).where(col(Job.id) == job_id)).scalar_one()
+        session.execute(
+            update(Attempt)
+            .where(col(Attempt.job_id) == job_id, col(Attempt.attempt) == number,
+                   col(Attempt.ended_at).is_(None))
+            .values(ended_at=now, outcome=AttemptOutcome(ended[0]), cause=ended[1])
+            .execution_options(synchronize_session=False))
+
+    @staticmethod
+    def _read_state(session: Session, job_id: int) -> tuple[JobState, datetime | None] | None:
+        row = session.execute(
+            select(Job.state, Job.started_at).where(col(Job.id) == job_id)).one_or_none()
+        return None if row is None else (JobState(row[0]), row[1])
+
+    def claim_jobs(self, job_ids: Sequence[int]) -> list[Claimed]:
+        """Admit these jobs (queued -> pending) in one transaction: one compare-and-set
+        UPDATE for all of them, then their events and attempt rows in bulk. A job another
+        writer moved first (cancelled, say) is left out. Returns the claimed attempts, each
+        with a new worker token, in the order given."""
+        if not job_ids:
+            return []
+        now = utcnow()
+        with self._writing() as session:
+            previous = dict(session.execute(
+                select(Job.id, Job.ray_submission_id).where(col(Job.id).in_(job_ids))).all())
+            rows = session.execute(
+                update(Job)
+                .where(col(Job.id).in_(job_ids), col(Job.state) == JobState.QUEUED)
+                .values(state=JobState.PENDING, attempts=col(Job.attempts) + 1, updated_at=now)
+                .returning(col(Job.id), col(Job.attempts), col(Job.gpus), col(Job.cpus))
+                .execution_options(synchronize_session=False)).all()
+            by_id = {row[0]: row for row in rows}
+            claimed = [
+                Claimed(job_id=jid, attempt=attempt, submission_id=submission_id(jid, attempt),
+                        gpus=gpus, cpus=cpus, token=new_token(WORKER_PREFIX),
+                        previous_submission_id=previous.get(jid))
+                for jid, attempt, gpus, cpus in (by_id[j] for j in job_ids if j in by_id)
+            ]
+            if not claimed:
+                return []
+            jobs = Job.__table__  # Core, not ORM: one executemany UPDATE
+            session.execute(
+                update(jobs).where(jobs.c.id == bindparam("jid"))
+                .values(ray_submission_id=bindparam("sid")),
+                [{"jid": c.job_id, "sid": c.submission_id} for c in claimed])
+            session.execute(insert(JobEvent), [
+                {"job_id": c.job_id, "from_state": JobState.QUEUED, "to_state": JobState.PENDING,
+                 "reason": (f"admitted: {c.gpus} GPU(s), {c.cpus} CPU(s); Ray job "
+                            f"{c.submission_id}"),
+                 "at": now, "details": {"attempt": c.attempt, "submission_id": c.submission_id}}
+                for c in claimed])
+            session.execute(insert(Attempt), [
+                {"job_id": c.job_id, "attempt": c.attempt, "ray_submission_id": c.submission_id,
+                 "started_at": now, "outcome": AttemptOutcome.RUNNING,
+                 "token_hash": token_hash(c.token)}
+                for c in claimed])
+        return claimed
+
+    # -- events -----------------------------------------------------------------------
+    def add_event(self, job_id: int, reason: str, *, details: dict[str, Any] | None = None,
+                  request: tuple[int, str] | None = None,
+                  supersede: Supersede | None = None) -> bool:
+        """A note in the job's history without a state change (e.g. a restarted worker
+        group). Only for active jobs; False, writing nothing, when the job is not active.
+        `request` (attempt row id, key): a worker's report, applied at most once."""
+        if details is not None:
+            check_json("details", details)
+        with self._writing() as session:
+            row = self._read_state(session, job_id)
+            if row is None or row[0] not in ACTIVE_STATES:
+                return False
+            if not self._first_time(session, *(request or (None, None))):
+                return True  # applied already; this is the worker retrying it
+            session.add(JobEvent(job_id=job_id, from_state=row[0], to_state=row[0],
+                                 reason=reason, at=utcnow(), details=details))
+            if supersede is not None:
+                supersede_in(session, job_id, supersede.after_step, supersede.restated)
+        return True
+
+    def events(self, job_id: int) -> list[JobEvent]:
+        """Oldest first."""
+        query = select(JobEvent).where(col(JobEvent.job_id) == job_id).order_by(col(JobEvent.id))
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    # -- attempts ---------------------------------------------------------------------
+    def attempts(self, job_id: int) -> list[Attempt]:
+        """Every try at running the job, oldest first."""
+        query = select(Attempt).where(col(Attempt.job_id) == job_id).order_by(col(Attempt.attempt))
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def set_attempt_cause(self, job_id: int, attempt: int, cause: str) -> bool:
+        """Record why a live attempt is about to end badly, in its driver's words; the
+        control plane uses it when it settles the attempt. False when the attempt ended."""
+        with self._writing() as session:
+            result = session.execute(
+                update(Attempt)
+                .where(col(Attempt.job_id) == job_id, col(Attempt.attempt) == attempt,
+                       col(Attempt.ended_at).is_(None))
+                .values(cause=cause).execution_options(synchronize_session=False))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def live_attempt_for_token(self, token: str) -> tuple[Job, Attempt] | None:
+        """The job and attempt a worker token belongs to, while that attempt is live (not
+        ended, and the job's current one); None otherwise."""
+        query = (select(Job, Attempt).join(Attempt, col(Attempt.job_id) == col(Job.id))
+                 .where(col(Attempt.token_hash) == token_hash(token),
+                        col(Attempt.ended_at).is_(None),
+                        col(Attempt.attempt) == col(Job.attempts)))
+        with self._read() as session:
+            row = session.execute(query).one_or_none()
+        return None if row is None else (row[0], row[1])
