@@ -10,7 +10,7 @@ Two kinds of caller:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import Header, Request
 
@@ -27,6 +27,22 @@ class User:
     """A person acting through the API."""
 
     name: str
+    role: Literal["admin", "user"] = "user"
+    gpu_cap: int | None = None  # None: the server's default (ORCH_USER_GPU_CAP)
+    max_priority: int | None = None  # None: the server's default
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# The browser's credential (the dashboard): the same token, in an HttpOnly, SameSite=Strict
+# cookie. A request authenticated by it that changes something must also carry the CSRF
+# header, whose value equals the CSRF cookie (double submit): a page on another site can make
+# the browser send cookies, but cannot read them to set the header.
+TOKEN_COOKIE = "orch_token"
+CSRF_COOKIE = "orch_csrf"
+CSRF_HEADER = "X-Orch-CSRF"
 
 
 @dataclass(frozen=True)
@@ -57,20 +73,30 @@ def plane_of(request: Request) -> ControlPlane:
     return request.app.state.plane  # type: ignore[no-any-return]
 
 
-def current_user(request: Request, authorization: str | None = Header(default=None),
-                 x_orch_user: str | None = Header(default=None)) -> User:
-    """The person calling. With a server token configured, requests must carry it."""
-    plane = plane_of(request)
-    token = bearer_token(authorization)
+def authenticate(request: Request, token: str | None) -> User:
+    """The user a token belongs to; Unauthorized when there is none or it is not valid."""
     if token and token.startswith(WORKER_PREFIX):
         raise Forbidden("an attempt token can only report on its own attempt")
-    expected = plane.settings.api_token
+    expected = plane_of(request).settings.api_token
     if expected and not (token and same_token(token, expected)):
         raise Unauthorized("missing or wrong API token (set ORCH_API_TOKEN)")
-    name = (x_orch_user or "anonymous").strip()
+    name = (request.headers.get("x-orch-user") or "anonymous").strip()
     if not name or len(name) > 100 or not name.isprintable():
         raise Unauthorized("X-Orch-User: a printable name of 1 to 100 characters")
     return User(name=name)
+
+
+def current_user(request: Request, authorization: str | None = Header(default=None)) -> User:
+    """The person calling: a bearer token, or the dashboard's cookie (then a request that
+    changes something must carry the CSRF header too)."""
+    token = bearer_token(authorization)
+    if token is None and (cookie := request.cookies.get(TOKEN_COOKIE)):
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            sent, expected = request.headers.get(CSRF_HEADER), request.cookies.get(CSRF_COOKIE)
+            if not (sent and expected and same_token(sent, expected)):
+                raise Forbidden(f"missing or wrong {CSRF_HEADER} header (cross-site request?)")
+        token = cookie
+    return authenticate(request, token)
 
 
 def current_worker(request: Request, authorization: str | None = Header(default=None)) -> Worker:
