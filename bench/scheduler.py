@@ -4,11 +4,15 @@ No Ray and no training: the no-op executor (`orchestrator/noop.py`) starts a job
 moment the scheduler hands it over. Each database gets a fresh store (a temporary SQLite
 file; a new PostgreSQL schema, dropped afterwards).
 
-- admissions/s: 1,000 queued jobs created with `Store.create_job`, then
-  `Scheduler.tick()` until none is queued, with plenty of capacity. An admission is the
-  scheduler's claim (queued -> pending, with its event and attempt row) plus the no-op
-  executor's start (pending -> running). Reported twice: jobs that keep running (they hold
-  resources, as real ones do) and jobs that also finish at once (one more transaction).
+- admissions/s: N queued jobs (N = 10, 100, 1,000, 10,000), then `Scheduler.tick()` until
+  none is queued, with plenty of capacity, handing each admitted job to an executor that
+  only records it (what the control plane itself does per admission: the claim -- queued ->
+  pending, its event and its attempt row with a new worker token, for every job of the
+  tick in one transaction -- and the hand-over). Cost per admission should not grow with N.
+- a deep queue: N queued jobs but room for 10 per tick: the time of one tick, which should
+  not grow with N either (the queue is read a page at a time).
+- for comparison, 1,000 jobs with the no-op executor, which also starts each job
+  (pending -> running, one more transaction per job, as a real worker does).
 - submit -> running: a `ControlPlane` + `create_app` served by uvicorn in a thread (real
   HTTP on 127.0.0.1, the app's own scheduler loop), jobs posted one at a time with the body
   the CLI sends (`jobs/bert_mlm.yaml`), each sample taken while nothing else runs. Latency =
@@ -19,8 +23,8 @@ file; a new PostgreSQL schema, dropped afterwards).
     python bench/scheduler.py --db sqlite --jobs 1000 --samples 200
 
 PostgreSQL: `--pg-url` (default `$ORCH_TEST_POSTGRES_URL` or
-postgresql+psycopg://postgres@127.0.0.1:5432/test). Goals: >= 200 admissions/s and a
-submit -> running p50 under 100 ms. The exit status is 1 when a goal is missed.
+postgresql+psycopg://postgres@127.0.0.1:5432/test). Goals: >= 2,000 admissions/s at every
+N, and a submit -> running p50 under 100 ms. The exit status is 1 when a goal is missed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,82 +48,112 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-import psycopg  # noqa: E402
 import uvicorn  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 
 from orchestrator.cluster import Capacity  # noqa: E402
+from orchestrator.executor import Launch, RayJobInfo, RayStatus  # noqa: E402
+from orchestrator.models import Job, JobEvent, utcnow  # noqa: E402
 from orchestrator.noop import NoopExecutor  # noqa: E402
 from orchestrator.scheduler import Scheduler  # noqa: E402
 from orchestrator.server import ControlPlane, create_app  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.states import JobState  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
+from tests.support import postgres_schema, postgres_unreachable  # noqa: E402
 
 SPEC = REPO / "jobs" / "bert_mlm.yaml"
 PLENTY = Capacity(gpus=1_000_000, cpus=1_000_000, nodes=1)
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-GOAL_ADMISSIONS_PER_S = 200
+GOAL_ADMISSIONS_PER_S = 2000
 GOAL_P50_MS = 100
+QUEUE_SIZES = (10, 100, 1000, 10_000)
 
 
 # -- databases --------------------------------------------------------------------------
 @contextmanager
-def fresh_database(kind: str, pg_url: str, workdir: Path) -> Iterator[str]:
+def fresh_database(kind: str, workdir: Path) -> Iterator[str]:
     if kind == "sqlite":
         path = workdir / f"sqlite-{time.monotonic_ns()}" / "orch.db"
         yield f"sqlite:///{path}"
         return
-    base = make_url(pg_url)
-    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    schema = f"orch_bench_{os.getpid()}_{time.monotonic_ns() % 10**6}"
-    try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.Error as exc:
-        raise SystemExit(f"PostgreSQL at {pg_url} unreachable ({exc}); pass --pg-url or "
-                         "--db sqlite") from None
-    if base.drivername == "postgresql":
-        base = base.set(drivername="postgresql+psycopg")
-    try:
-        yield base.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    if reason := postgres_unreachable():
+        raise SystemExit(f"{reason}; set ORCH_TEST_POSTGRES_URL or pass --db sqlite")
+    with postgres_schema(f"orch_bench_{os.getpid()}_{time.monotonic_ns() % 10**6}") as url:
+        yield url
 
 
-# -- admissions/s -----------------------------------------------------------------------
-def admissions_per_second(url: str, jobs: int, finish: bool) -> tuple[float, float, int]:
-    """(admissions/s, this process's CPU ms per admission, ticks) for `jobs` queued jobs."""
+def queue_jobs(store: Store, count: int) -> None:
+    """`count` queued jobs with their creation events, inserted in bulk (setup, not timed)."""
     spec, text = load_spec(SPEC, ())
+    now = utcnow()
+    table = Job.__table__
+    with store.engine.begin() as conn:
+        ids = conn.execute(table.insert().returning(table.c.id), [
+            {"name": spec.name, "objective": spec.objective.value, "owner": f"user{i % 7}",
+             "state": JobState.QUEUED, "priority": 0, "spec": spec.to_dict(), "spec_yaml": text,
+             "gpus": 0, "cpus": 1, "attempts": 0, "max_attempts": 1, "artifact_dir": "/x",
+             "created_at": now, "updated_at": now} for i in range(count)]).scalars().all()
+        conn.execute(JobEvent.__table__.insert(), [
+            {"job_id": job_id, "from_state": None, "to_state": JobState.QUEUED,
+             "reason": "submitted", "at": now} for job_id in ids])
+
+
+class Recorder:
+    """An executor that only records what it is handed: the control plane's own cost."""
+
+    jobs_url = None
+
+    def __init__(self) -> None:
+        self.launched = 0
+
+    def submit(self, launch: Launch) -> None:
+        self.launched += 1
+
+    def info(self, submission: str) -> RayJobInfo:
+        return RayJobInfo(RayStatus.PENDING)
+
+    def stop(self, submission: str) -> None:
+        pass
+
+    def logs(self, submission: str) -> str | None:
+        return None
+
+
+def admissions(url: str, jobs: int, executor: str) -> tuple[float, float, int]:
+    """(admissions/s, this process's CPU ms per admission, ticks) for `jobs` queued jobs."""
     with Store(url) as store:
-        for _ in range(jobs):
-            store.create_job(name=spec.name, objective=spec.objective.value, owner="bench",
-                             spec=spec.to_dict(), spec_yaml=text, gpus=spec.resources.gpus,
-                             cpus=spec.resources.cpus, priority=spec.priority)
-        scheduler = Scheduler(store, NoopExecutor(store, finish=finish), PLENTY)
+        queue_jobs(store, jobs)
+        runner = Recorder() if executor == "record" else NoopExecutor(store, finish=False)
+        scheduler = Scheduler(store, runner, PLENTY)
         ticks = 0
         start, cpu_start = time.perf_counter(), time.process_time()
-        while store.queued_jobs():
+        while ticks == 0 or store.queued_jobs(limit=1):
             scheduler.tick()
             ticks += 1
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        expected = JobState.SUCCEEDED if finish else JobState.RUNNING
-        done = store.list_jobs(states=[expected])
-        if len(done) != jobs:
-            raise SystemExit(f"only {len(done)} of {jobs} jobs reached {expected.value}")
+        admitted = len(store.list_jobs(states=[JobState.PENDING, JobState.RUNNING]))
+        if admitted != jobs:
+            raise SystemExit(f"only {admitted} of {jobs} jobs were admitted")
     return jobs / elapsed, cpu * 1000 / jobs, ticks
 
 
-def median_run(kind: str, pg_url: str, workdir: Path, jobs: int, finish: bool,
-               repeats: int) -> tuple[float, float, int]:
-    """The run with the median rate out of `repeats`, each on a fresh database."""
-    runs = []
-    for _ in range(repeats):
-        with fresh_database(kind, pg_url, workdir) as url:
-            runs.append(admissions_per_second(url, jobs, finish))
-    return sorted(runs)[len(runs) // 2]
+def deep_queue_tick_ms(url: str, jobs: int, room: int = 10) -> float:
+    """One tick's wall time with `jobs` queued and room for `room` of them."""
+    with Store(url) as store:
+        queue_jobs(store, jobs)
+        scheduler = Scheduler(store, Recorder(), Capacity(gpus=0, cpus=room, nodes=1))
+        scheduler.tick()  # warm: the first tick pays for connections and statement caches
+        for job in store.list_jobs(states=[JobState.PENDING]):
+            assert job.id is not None
+            store.transition(job.id, JobState.CANCELLED, "bench: free the room")
+        start = time.perf_counter()
+        scheduler.tick()
+        return (time.perf_counter() - start) * 1000
+
+
+def median_of(repeats: int, run: Callable[[], tuple[float, ...]]) -> tuple[float, ...]:
+    """The run with the median first value out of `repeats`."""
+    runs = sorted(run() for _ in range(repeats))
+    return runs[len(runs) // 2]
 
 
 # -- submit -> running ------------------------------------------------------------------
@@ -154,7 +188,7 @@ def _running_at(store: Store, job_id: int, timeout: float = 30) -> datetime:
     deadline = time.monotonic() + timeout
     while True:
         for event in store.events(job_id):
-            if event.from_state == JobState.PENDING.value and event.to_state == JobState.RUNNING.value:
+            if event.from_state == JobState.PENDING and event.to_state == JobState.RUNNING:
                 return event.at
         if time.monotonic() > deadline:
             raise SystemExit(f"job {job_id} did not start within {timeout:.0f}s")
@@ -197,12 +231,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--jobs", type=int, default=1000, help="queued jobs to admit")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(QUEUE_SIZES),
+                        help="queue lengths to admit")
     parser.add_argument("--samples", type=int, default=200, help="timed submissions")
     parser.add_argument("--warmup", type=int, default=5, help="untimed first submissions")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="admission runs per case (fresh database each); the median is reported")
-    parser.add_argument("--pg-url", default=os.environ.get("ORCH_TEST_POSTGRES_URL", DEFAULT_PG_URL))
+                        help="runs per case (fresh database each); the median is reported")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -210,28 +244,44 @@ def main() -> None:
 
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     missed = []
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.jobs} jobs to admit (median of {args.repeats}); {args.samples} submissions "
-          f"(+{args.warmup} warm-up) over HTTP to uvicorn in a thread", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of "
+          f"{args.repeats} runs per case; {args.samples} submissions (+{args.warmup} warm-up) "
+          "over HTTP to uvicorn in a thread", flush=True)
     with tempfile.TemporaryDirectory(prefix="orch-bench-") as tmp:
-        # Artifact dirs (never written by the no-op executor) stay out of ~/.orch.
+        # Artifact dirs (never written here) stay out of ~/.orch.
         os.environ["ORCH_HOME"] = tmp
+        work = Path(tmp)
         for kind in kinds:
-            rate, cpu_ms, ticks = median_run(kind, args.pg_url, Path(tmp), args.jobs, False,
-                                             args.repeats)
-            print(f"{kind} admissions/s: {rate:.0f} ({cpu_ms:.2f} ms CPU of this process per "
-                  f"admission; {ticks} tick(s))", flush=True)
-            rate_done, cpu_done, _ = median_run(kind, args.pg_url, Path(tmp), args.jobs, True,
-                                                args.repeats)
-            print(f"{kind} admissions/s (no-op jobs also finish): {rate_done:.0f} "
-                  f"({cpu_done:.2f} ms CPU per admission)", flush=True)
-            with fresh_database(kind, args.pg_url, Path(tmp)) as url:
+            for size in args.sizes:
+                def run(size: int = size, kind: str = kind) -> tuple[float, ...]:
+                    with fresh_database(kind, work) as url:
+                        return admissions(url, size, "record")
+                rate, cpu_ms, ticks = median_of(args.repeats, run)
+                print(f"{kind} admissions/s with {size} queued: {rate:.0f} ({1000 / rate:.3f} ms "
+                      f"per admission, {cpu_ms:.3f} ms of it this process's CPU; {ticks:.0f} "
+                      "tick(s))", flush=True)
+                if rate < GOAL_ADMISSIONS_PER_S:
+                    missed.append(f"{kind} admissions/s with {size} queued: {rate:.0f} < "
+                                  f"{GOAL_ADMISSIONS_PER_S}")
+            for size in args.sizes:
+                def deep(size: int = size, kind: str = kind) -> tuple[float, ...]:
+                    with fresh_database(kind, work) as url:
+                        return (deep_queue_tick_ms(url, size),)
+                (tick_ms,) = median_of(args.repeats, deep)
+                print(f"{kind} one tick with {size} queued and room for 10: {tick_ms:.1f} ms",
+                      flush=True)
+
+            def noop(kind: str = kind) -> tuple[float, ...]:
+                with fresh_database(kind, work) as url:
+                    return admissions(url, 1000, "noop")
+            rate_noop, cpu_noop, _ = median_of(args.repeats, noop)
+            print(f"{kind} admissions/s with the no-op executor also starting each job (1000 "
+                  f"queued): {rate_noop:.0f} ({cpu_noop:.2f} ms CPU per admission)", flush=True)
+            with fresh_database(kind, work) as url:
                 lat = submit_latency(url, args.samples, args.warmup)
             print(f"{kind} submit->running p50 ms: {lat['p50']:.1f} p95 ms: {lat['p95']:.1f} "
                   f"max ms: {lat['max']:.1f} (POST round trip p50 ms: {lat['post_p50']:.1f}; "
                   f"first, cold submit ms: {lat['cold']:.0f})", flush=True)
-            if rate < GOAL_ADMISSIONS_PER_S:
-                missed.append(f"{kind} admissions/s {rate:.0f} < {GOAL_ADMISSIONS_PER_S}")
             if lat["p50"] >= GOAL_P50_MS:
                 missed.append(f"{kind} submit->running p50 {lat['p50']:.1f} ms >= {GOAL_P50_MS}")
     print("goals: " + ("all met" if not missed else "MISSED: " + "; ".join(missed)))

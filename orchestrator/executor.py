@@ -55,10 +55,10 @@ class Launch:
     token: str  # the attempt's worker token (plain, this once)
 
     @classmethod
-    def of(cls, claim: Claimed, workers: int) -> Launch:
+    def of(cls, claim: Claimed) -> Launch:
         return cls(job_id=claim.job_id, attempt=claim.attempt,
                    submission_id=claim.submission_id, gpus=claim.gpus, cpus=claim.cpus,
-                   workers=workers, token=claim.token)
+                   workers=claim.workers, token=claim.token)
 
 
 class Executor(Protocol):

@@ -32,7 +32,7 @@ from orchestrator.executor import Executor, Launch, RayStatus
 from orchestrator.models import AttemptOutcome, Job
 from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE_STATES, JobState
-from orchestrator.store import Store
+from orchestrator.store import QueuedJob, Store
 
 log = logging.getLogger("orch.scheduler")
 
@@ -41,12 +41,6 @@ log = logging.getLogger("orch.scheduler")
 class Usage:
     gpus: int
     cpus: int
-
-
-def _workers(job: Job) -> int:
-    """How many workers the job's spec asks for (the stored spec is validated, with the
-    default filled in)."""
-    return int((job.spec.get("resources") or {}).get("workers") or 1)
 
 
 # The queue is read in pages of this many jobs, until the head no longer fits.
@@ -73,15 +67,18 @@ class Scheduler:
         return Usage(self.capacity.gpus - sum(g for g, _ in by_owner),
                      self.capacity.cpus - sum(c for _, c in by_owner))
 
-    def queue(self) -> Iterator[Job]:
-        """The queue in admission order, read a page at a time."""
+    def queue(self) -> Iterator[QueuedJob]:
+        """The queue in admission order, read a page at a time (the first small: most ticks
+        stop at the head)."""
         after: tuple[int, int] | None = None
+        size = min(20, QUEUE_PAGE)
         while True:
-            page = self.store.queued_jobs(limit=QUEUE_PAGE, after=after)
+            page = self.store.queue_page(limit=size, after=after)
             yield from page
-            if len(page) < QUEUE_PAGE:
+            if len(page) < size:
                 return
-            after = (page[-1].priority, int(page[-1].id or 0))
+            after = (page[-1].priority, page[-1].id)
+            size = min(size * 4, QUEUE_PAGE)
 
     def never_fits(self, gpus: int, cpus: int) -> str | None:
         """Why a job of this size can never run on this cluster, or None."""
@@ -128,7 +125,7 @@ class Scheduler:
     def _owner_gpus(self) -> Counter[str]:
         return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
 
-    def _capped(self, job: Job, held: Counter[str]) -> bool:
+    def _capped(self, job: Job | QueuedJob, held: Counter[str]) -> bool:
         return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
 
     def wait_reason(self, job: Job) -> str:
@@ -167,7 +164,7 @@ class Scheduler:
         someone cancelled meanwhile is left out), then hand each to Ray."""
         free = self.free()
         held = self._owner_gpus()
-        chosen: list[Job] = []
+        chosen: list[QueuedJob] = []
         for job in self.queue():
             if self._capped(job, held):
                 continue  # waits for its owner's own jobs; does not hold up anyone else
@@ -178,17 +175,16 @@ class Scheduler:
             held[job.owner] += job.gpus
         if not chosen:
             return
-        workers = {job.id: _workers(job) for job in chosen}
         # Claimed first, then submitted: a job is handed to Ray at most once per attempt
         # even if two schedulers race.
-        claims = self.store.claim_jobs([job.id for job in chosen if job.id is not None])
+        claims = self.store.claim_jobs([job.id for job in chosen])
         for i, claim in enumerate(claims):
             try:
                 if claim.previous_submission_id:
                     # A retry after Ray was unreachable: make sure the old attempt is not
                     # still running somewhere, so the job never runs twice.
                     self.executor.stop(claim.previous_submission_id)
-                self.executor.submit(Launch.of(claim, workers[claim.job_id]))
+                self.executor.submit(Launch.of(claim))
             except Exception as exc:
                 log.warning("submitting job %s to Ray failed: %s", claim.job_id, exc)
                 # Not the jobs' fault and they never ran: this one and the ones claimed

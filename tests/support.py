@@ -248,7 +248,8 @@ def mlm_spec_dict(**training: Any) -> dict[str, Any]:
 @contextmanager
 def served(app: Any) -> Iterator[str]:
     """Serve an ASGI app over real HTTP on 127.0.0.1 (a free port) from a thread of this
-    process, for workers in other processes to reach; yields its URL."""
+    process, for workers in other processes to reach; yields its URL. The app's lifespan is
+    not run here: the caller runs it (e.g. inside `with TestClient(app)`)."""
     import threading
 
     import uvicorn
@@ -256,7 +257,8 @@ def served(app: Any) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -286,3 +288,64 @@ def assert_each_live_loss_once(store: Any, job_id: int) -> list[int]:
     steps = Counter(m.step for m in store.metrics(job_id, name="train_loss"))
     assert not {s: n for s, n in steps.items() if n > 1}, steps
     return sorted(steps)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_url() -> str:
+    import os
+
+    return os.environ.get("ORCH_TEST_POSTGRES_URL", DEFAULT_PG_URL)
+
+
+def postgres_unreachable() -> str | None:
+    """Why the test PostgreSQL cannot be used, or None."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = postgres_url()
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        return f"PostgreSQL at {url} unreachable: {exc}"
+    return None
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is unreachable; in CI that is a failure instead."""
+    import os
+
+    import pytest
+
+    reason = postgres_unreachable()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (a skipped PostgreSQL test in CI is a failure)")
+        pytest.skip(reason)
+
+
+@contextmanager
+def postgres_schema(name: str) -> Iterator[str]:
+    """A URL whose connections see only a brand-new schema `name` (dropped afterwards), so
+    tests in parallel processes, and other users of the database, never see each other."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    base = make_url(postgres_url())
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    drop = f"DROP SCHEMA IF EXISTS {name} CASCADE"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(drop)
+        conn.execute(f"CREATE SCHEMA {name}")
+    if base.drivername == "postgresql":
+        base = base.set(drivername="postgresql+psycopg")
+    try:
+        # Unqualified names (the orch tables, alembic_version) resolve in this schema only.
+        yield base.update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(
+            hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(drop)

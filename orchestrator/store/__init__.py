@@ -17,7 +17,7 @@ from __future__ import annotations
 from orchestrator.errors import InvalidTransition
 from orchestrator.store.checkpoints import CheckpointsStore, pick_best
 from orchestrator.store.engine import MIGRATIONS_DIR, make_engine, migration_lock, upgrade_schema
-from orchestrator.store.jobs import Claimed, JobsStore, Supersede, submission_id
+from orchestrator.store.jobs import Claimed, JobsStore, QueuedJob, Supersede, submission_id
 from orchestrator.store.metrics import MetricsStore
 
 
@@ -31,5 +31,6 @@ class Store(JobsStore, MetricsStore, CheckpointsStore):
         self.close()
 
 
-__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "Store", "Supersede", "make_engine",
+__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "QueuedJob", "Store", "Supersede",
+           "make_engine",
            "migration_lock", "pick_best", "submission_id", "upgrade_schema"]

@@ -37,6 +37,17 @@ def submission_id(job_id: int, attempt: int) -> str:
 
 
 @dataclass(frozen=True)
+class QueuedJob:
+    """What admission needs of a queued job (the spec stays in the database)."""
+
+    id: int
+    owner: str
+    priority: int
+    gpus: int
+    cpus: int
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A job admission claimed (queued -> pending), ready to hand to Ray."""
 
@@ -45,6 +56,7 @@ class Claimed:
     submission_id: str
     gpus: int
     cpus: int
+    workers: int  # data-parallel workers, from the spec
     # The attempt's worker token, in plain text this once: it goes into the Ray Job's
     # environment and nowhere else; the database keeps only its hash.
     token: str
@@ -59,6 +71,11 @@ class Supersede:
 
     after_step: int | None
     restated: Sequence[str] = ()
+
+
+def _workers(spec: dict[str, Any]) -> int:
+    """How many workers a stored (validated, defaults filled in) spec asks for."""
+    return int((spec.get("resources") or {}).get("workers") or 1)
 
 
 class JobsStore(StoreBase):
@@ -141,21 +158,26 @@ class JobsStore(StoreBase):
         with self._read() as session:
             return list(session.scalars(query))
 
-    def queued_jobs(self, limit: int | None = None,
-                    after: tuple[int, int] | None = None) -> list[Job]:
-        """The queue in scheduling order: priority high to low, then first come first.
-        Paged: `limit` jobs after the (priority, id) position `after` (an index range scan
-        on ix_jobs_queue, so a page costs the same however long the queue is)."""
-        query = select(Job).where(col(Job.state) == JobState.QUEUED)
+    def queued_jobs(self, limit: int | None = None) -> list[Job]:
+        """The queue in scheduling order: priority high to low, then first come first."""
+        query = (select(Job).where(col(Job.state) == JobState.QUEUED)
+                 .order_by(col(Job.priority).desc(), col(Job.id).asc()).limit(limit))
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def queue_page(self, limit: int, after: tuple[int, int] | None = None) -> list[QueuedJob]:
+        """A page of the queue in scheduling order, without the specs: `limit` jobs after
+        the (priority, id) position `after` (an index range scan on ix_jobs_queue, so a page
+        costs the same however long the queue is)."""
+        query = select(Job.id, Job.owner, Job.priority, Job.gpus, Job.cpus).where(
+            col(Job.state) == JobState.QUEUED)
         if after is not None:
             priority, job_id = after
             query = query.where((col(Job.priority) < priority)
                                 | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
-        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc())
-        if limit is not None:
-            query = query.limit(limit)
+        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc()).limit(limit)
         with self._read() as session:
-            return list(session.scalars(query))
+            return [QueuedJob(*row) for row in session.execute(query)]
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """owner -> (GPUs, CPUs) their pending and running jobs hold: one aggregate query."""
@@ -291,14 +313,15 @@ class JobsStore(StoreBase):
                 update(Job)
                 .where(col(Job.id).in_(job_ids), col(Job.state) == JobState.QUEUED)
                 .values(state=JobState.PENDING, attempts=col(Job.attempts) + 1, updated_at=now)
-                .returning(col(Job.id), col(Job.attempts), col(Job.gpus), col(Job.cpus))
+                .returning(col(Job.id), col(Job.attempts), col(Job.gpus), col(Job.cpus),
+                           col(Job.spec))
                 .execution_options(synchronize_session=False)).all()
             by_id = {row[0]: row for row in rows}
             claimed = [
                 Claimed(job_id=jid, attempt=attempt, submission_id=submission_id(jid, attempt),
-                        gpus=gpus, cpus=cpus, token=new_token(WORKER_PREFIX),
-                        previous_submission_id=previous.get(jid))
-                for jid, attempt, gpus, cpus in (by_id[j] for j in job_ids if j in by_id)
+                        gpus=gpus, cpus=cpus, workers=_workers(spec),
+                        token=new_token(WORKER_PREFIX), previous_submission_id=previous.get(jid))
+                for jid, attempt, gpus, cpus, spec in (by_id[j] for j in job_ids if j in by_id)
             ]
             if not claimed:
                 return []

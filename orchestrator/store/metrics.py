@@ -19,7 +19,6 @@ from orchestrator.errors import InvalidRequest
 from orchestrator.models import Metric, utcnow
 from orchestrator.store.base import StoreBase
 
-_METRIC_CHUNK = 1000  # rows per INSERT; stays far below SQLite's bound-parameter limit
 MAX_METRIC_NAME = 100
 
 
@@ -75,14 +74,12 @@ class MetricsStore(StoreBase):
         params = metric_rows(job_id, attempt, rows)
         if not params:
             return 0
-        added = 0
+        # One statement for every batch (compiled once and cached), executed over the rows:
+        # SQLAlchemy sends them in pages ("insertmanyvalues"), counting what was inserted.
+        table = Metric.__table__
+        stmt = self._insert(table).on_conflict_do_nothing().returning(table.c.id)
         with self._writing() as session:
-            for start in range(0, len(params), _METRIC_CHUNK):
-                stmt = self._insert(Metric).values(params[start:start + _METRIC_CHUNK])
-                inserted = session.execute(
-                    stmt.on_conflict_do_nothing().returning(col(Metric.id))).all()
-                added += len(inserted)
-        return added
+            return len(session.execute(stmt, params).all())
 
     def supersede_metrics(self, job_id: int, after_step: int | None,
                           restated: Sequence[str] = ()) -> int:

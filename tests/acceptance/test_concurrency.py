@@ -21,16 +21,13 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from orchestrator.store import Store
-from tests.support import REPO, run_orch
+from tests.support import REPO, postgres_schema, require_postgres, run_orch
 
 SUBMITTERS = 200
 SPEC = "jobs/bert_mlm.yaml"
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 # Ports of its own (two test sessions on one machine: ORCH_TEST_PORT_OFFSET, as conftest).
 PORTS = {"sqlite": 8781, "postgresql": 8782}
 # Run with `python -S -c`: block until the gate pipe is closed, then exec the real command.
@@ -39,43 +36,14 @@ _GATE = ("import os, sys\n"
          "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n")
 
 
-def _libpq_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _pg_schema_url(schema: str) -> Iterator[str]:
-    """A URL on a brand-new PostgreSQL schema (dropped afterwards). Unreachable PostgreSQL
-    skips locally and fails in CI."""
-    base = os.environ.get("ORCH_TEST_POSTGRES_URL", DEFAULT_PG_URL)
-    try:
-        psycopg.connect(_libpq_dsn(base), connect_timeout=3).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL at {base} unreachable: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (a skipped PostgreSQL test in CI is a failure)")
-        pytest.skip(reason)
-    drop = f"DROP SCHEMA IF EXISTS {schema} CASCADE"
-    with psycopg.connect(_libpq_dsn(base), autocommit=True) as conn:
-        conn.execute(drop)
-        conn.execute(f"CREATE SCHEMA {schema}")
-    url = make_url(base)
-    if url.drivername == "postgresql":
-        url = url.set(drivername="postgresql+psycopg")
-    try:
-        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False)
-    finally:
-        with psycopg.connect(_libpq_dsn(base), autocommit=True) as conn:
-            conn.execute(drop)
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(name, database URL) of a fresh, empty database."""
     if request.param == "sqlite":
         yield "sqlite", f"sqlite:///{tmp_path}/db/orch.db"
     else:
-        for url in _pg_schema_url(f"orch_conc_{os.getpid()}"):
+        require_postgres()
+        with postgres_schema(f"orch_conc_{os.getpid()}") as url:
             yield "postgresql", url
 
 
