@@ -8,20 +8,14 @@ ISO 8601 in UTC.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.models import (
-    Attempt,
-    AttemptOutcome,
-    Checkpoint,
-    CheckpointKind,
-    Job,
-    JobEvent,
-    Metric,
-)
-from orchestrator.states import JobState
+from orchestrator.states import AttemptOutcome, CheckpointKind, JobState
+
+if TYPE_CHECKING:  # the tables; not imported at run time, so clients stay light
+    from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric
 
 # Bounds on what a client may send (the body itself is capped by the server too).
 MAX_TEXT = 4096

@@ -30,8 +30,8 @@ from orchestrator.api import (
 )
 from orchestrator.client import Client, dump
 from orchestrator.errors import OrchError
-from orchestrator.models import AttemptOutcome
 from orchestrator.spec import SpecError, load_spec
+from orchestrator.states import AttemptOutcome
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 out = Console()

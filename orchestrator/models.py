@@ -11,7 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
-from orchestrator.states import JobState
+from orchestrator.states import AttemptOutcome, CheckpointKind, JobState
+
+__all__ = ["AttemptOutcome", "CheckpointKind"]  # re-exported: enums of these tables
 
 
 def utcnow() -> datetime:
@@ -42,33 +44,6 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value.tzinfo is None:  # SQLite: stored as UTC without an offset
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
-
-
-class AttemptOutcome(str, Enum):
-    """How one attempt (one Ray Job) of a job ended."""
-
-    # Its Ray Job was submitted and has not ended yet.
-    RUNNING = "running"
-    # The worker trained to the end and recorded the final model.
-    SUCCEEDED = "succeeded"
-    # The job failed in this attempt: an error in the job itself, or an infrastructure
-    # failure with no retries left.
-    FAILED = "failed"
-    # A user cancelled the job while this attempt was live.
-    CANCELLED = "cancelled"
-    # An infrastructure failure (worker killed, node or cluster lost) with retries left: the
-    # job went back to the queue and the next attempt resumes from the latest checkpoint.
-    RETRIED = "retried"
-    # Ray never ran it (the submission failed or was lost before the driver started): the
-    # job went back to the queue, and this does not count against its retries.
-    NOT_STARTED = "not_started"
-
-
-class CheckpointKind(str, Enum):
-    # Resumable, mid-training: weights (or adapter), optimizer, scheduler, RNG, trainer state.
-    CHECKPOINT = "checkpoint"
-    # The trained model as a plain Hugging Face directory; not a resume point.
-    FINAL = "final"
 
 
 class EnumText(sa.TypeDecorator[Any]):

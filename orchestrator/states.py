@@ -63,3 +63,30 @@ ACTIVE_STATES: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RUNNI
 def can_transition(source: JobState, target: JobState) -> bool:
     """True when the state machine allows moving from `source` to `target`."""
     return target in TRANSITIONS.get(source, frozenset())
+
+
+class AttemptOutcome(str, Enum):
+    """How one attempt (one Ray Job) of a job ended."""
+
+    # Its Ray Job was submitted and has not ended yet.
+    RUNNING = "running"
+    # The worker trained to the end and recorded the final model.
+    SUCCEEDED = "succeeded"
+    # The job failed in this attempt: an error in the job itself, or an infrastructure
+    # failure with no retries left.
+    FAILED = "failed"
+    # A user cancelled the job while this attempt was live.
+    CANCELLED = "cancelled"
+    # An infrastructure failure (worker killed, node or cluster lost) with retries left: the
+    # job went back to the queue and the next attempt resumes from the latest checkpoint.
+    RETRIED = "retried"
+    # Ray never ran it (the submission failed or was lost before the driver started): the
+    # job went back to the queue, and this does not count against its retries.
+    NOT_STARTED = "not_started"
+
+
+class CheckpointKind(str, Enum):
+    # Resumable, mid-training: weights (or adapter), optimizer, scheduler, RNG, trainer state.
+    CHECKPOINT = "checkpoint"
+    # The trained model as a plain Hugging Face directory; not a resume point.
+    FINAL = "final"
