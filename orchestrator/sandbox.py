@@ -273,6 +273,11 @@ def prepare_server(settings: Settings) -> None:
     (`org/model`), which the Hugging Face loaders first try as a path relative to the
     working directory, never names a directory the server happens to start in."""
     os.umask(0o077)
+    for fd in (1, 2):  # a log file the server writes to (the CLI opens it for a local one)
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o077)
     check_roots_exist(settings)
     home = settings.home_dir()
     rules = Rules.from_settings(settings)

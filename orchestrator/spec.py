@@ -450,6 +450,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SpecError([f"--set {text!r}: write KEY=VALUE, e.g. --set training.learning_rate=1e-4"])
     try:
         value = _load_yaml(raw) if raw.strip() else ""
+    except _AliasRefused:
+        raise SpecError([f"--set {key}: YAML aliases (*name) are not allowed; write the value "
+                         "out"]) from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise SpecError([f"--set {key}: value is not valid YAML ({exc})"]) from None
     # `prefix=summarize: ` is meant as text: only flow syntax ({...} or [...]) makes a
