@@ -162,6 +162,8 @@ class Rules:
     def check_source(self, field: str, value: str, *, hub: bool = True,
                      urls: bool = True) -> str | None:
         """Something read: a local path, a URL (when `urls`) or a hub id (when `hub`)."""
+        if bad := _control_characters(field, value):
+            return bad
         if is_url(value):
             if scheme_of(value) in LOCAL_SCHEMES:
                 return self.check_path(field, value.split("://", 1)[1] or "/")
@@ -176,6 +178,8 @@ class Rules:
 
     def check_storage(self, value: str) -> str | None:
         field = "checkpoints.storage"
+        if bad := _control_characters(field, value):
+            return bad
         if is_url(value) and scheme_of(value) not in LOCAL_SCHEMES:
             return self.check_url(field, value, storage=True)
         path = value.split("://", 1)[1] if is_url(value) else value
@@ -200,6 +204,13 @@ class Rules:
         """SpecError (a 422 through the API) unless every field of `spec` is allowed."""
         if problems := self.problems(spec):
             raise SpecError(problems, source)
+
+
+def _control_characters(field: str, value: str) -> str | None:
+    # A NUL byte would make the path functions raise rather than answer.
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return f"{field}: {shown(value)} holds control characters; give a plain path or URL"
+    return None
 
 
 def current_rules() -> Rules:

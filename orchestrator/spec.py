@@ -335,8 +335,39 @@ class JobSpec(_Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """A NUL character in any string is refused up front: no path function takes one,
+        and PostgreSQL cannot store one in JSON."""
+        try:
+            found = list(_nul_paths(data, ""))
+        except RecursionError:
+            raise _Problems(["the spec is nested too deeply; a spec is a few levels of "
+                             "keys"]) from None
+        if found:
+            raise _Problems([f"{where}: holds a NUL character (\\0); remove it"
+                             for where in found[:10]])
+        return data
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
+
+
+def _nul_paths(value: Any, where: str) -> Iterable[str]:
+    """Dotted locations of the strings (keys included) holding a NUL, in plain data."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield where or "spec"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and "\0" in key:
+                yield here
+            yield from _nul_paths(item, here)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nul_paths(item, f"{where}.{index}")
 
 
 class _Problems(ValueError):

@@ -123,6 +123,7 @@ def test_home_and_dotdot_are_resolved_before_the_check(tmp_path: Path,
     ("s3://key:secret@team/orch", "not a plain location"),
     ("s3://team/orch::file:///etc", "not a plain location"),
     ("s3://team/orch?endpoint=http://evil", "not a plain location"),
+    ("{root}/a\x00b", "holds control characters"),
 ])
 def test_storage_outside_the_roots_is_refused(tmp_path: Path, storage: str, words: str) -> None:
     root = str(tmp_path / "jobs")

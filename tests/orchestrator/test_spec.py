@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec, SpecError, build_spec, load_spec, parse_override, parse_yaml
+from orchestrator.spec import (
+    JobSpec,
+    SpecError,
+    build_spec,
+    load_spec,
+    parse_override,
+    parse_yaml,
+    spec_from_dict,
+)
 
 BASE = {
     "name": "t5-test",
@@ -274,3 +282,18 @@ def test_yaml_aliases_are_refused_before_anything_expands() -> None:
 def test_deeply_nested_yaml_is_one_line() -> None:
     with pytest.raises(SpecError, match="nested too deeply"):
         parse_yaml("a: " + "[" * 5000 + "]" * 5000)
+
+
+def test_a_nul_character_anywhere_is_refused_naming_where() -> None:
+    message = problems_of({**BASE, "model": "a\0b", "dataset": {
+        **BASE["dataset"], "train_files": ["/d/ok.jsonl", "/d/x\0.jsonl"]}})
+    assert "model: holds a NUL character" in message
+    assert "dataset.train_files.1: holds a NUL character" in message
+
+
+def test_deeply_nested_data_from_the_api_is_one_problem() -> None:
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(SpecError, match="nested too deeply"):
+        spec_from_dict({**BASE, "model": deep})  # what the server validates
