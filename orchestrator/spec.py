@@ -48,6 +48,7 @@ MAX_BATCH = 65_536
 MAX_SAMPLES = 10**12
 MAX_WORKERS = 4096
 INT32 = 2**31 - 1
+MAX_SPEC_BYTES = 1024 * 1024
 
 
 class _Section(BaseModel):
@@ -499,7 +500,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
-    """Parse YAML as plain data. Tags that would build Python objects are refused."""
+    """Parse YAML as plain data. Tags that would build Python objects are refused, and so
+    are aliases and texts over MAX_SPEC_BYTES (the server takes no larger request)."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([f"the file is {len(text)} characters; a spec is at most "
+                         f"{MAX_SPEC_BYTES} (a few dozen settings)"], source)
     try:
         data = _load_yaml(text)
     except _AliasRefused as exc:

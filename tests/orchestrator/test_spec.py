@@ -279,9 +279,11 @@ def test_yaml_aliases_are_refused_before_anything_expands() -> None:
         parse_override("name=[*a]")
 
 
-def test_deeply_nested_yaml_is_one_line() -> None:
+def test_deeply_nested_or_huge_yaml_is_one_line() -> None:
     with pytest.raises(SpecError, match="nested too deeply"):
-        parse_yaml("a: " + "[" * 5000 + "]" * 5000)
+        parse_yaml("a: " + "[" * 800 + "]" * 800)
+    with pytest.raises(SpecError, match="a spec is at most 1048576"):
+        parse_yaml("a: " + "x" * 2**20)
 
 
 def test_a_nul_character_anywhere_is_refused_naming_where() -> None:
