@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -34,9 +35,25 @@ from orchestrator.spec import SpecError, load_spec
 from orchestrator.states import AttemptOutcome
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# C0 and C1 control characters but tab and newline: an ANSI escape in a job's name, owner
+# or error must not drive the terminal of whoever lists it.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# In logs a carriage return stays too: progress bars redraw their line with it.
+_LOG_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def plain(value: object) -> str:
+    """Text someone else wrote (a job's name, owner, error...), safe to print as is."""
+    return _CONTROL.sub("", str(value))
+
+
+def _text(value: object) -> str:
+    """The same for rich output: control characters stripped and markup escaped, so
+    `[bold red]x[/]` in an owner's name prints as written."""
+    return escape(plain(value))
 
 
 def friendly_errors(fn: F) -> F:
@@ -47,7 +64,7 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OrchError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_text(exc)}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -102,7 +119,7 @@ def validate(spec_file: Path, overrides: tuple[str, ...]) -> None:
     problems = preflight(spec)
     if problems:
         raise SpecError(problems, str(spec_file))
-    click.echo(f"ok: {spec.name} ({spec.objective.value}, model {spec.model}, "
+    click.echo(f"ok: {spec.name} ({spec.objective.value}, model {plain(spec.model)}, "
                f"{spec.resources.gpus} GPU(s))")
 
 
@@ -122,7 +139,7 @@ def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool)
     if quiet:
         click.echo(job.id)
     else:
-        click.echo(f"submitted job {job.id} ({job.name}, {job.state.value})")
+        click.echo(f"submitted job {job.id} ({plain(job.name)}, {job.state.value})")
     if wait:
         final = _follow(client, job.id)
         sys.exit(0 if final.state == "succeeded" else 1)
@@ -147,7 +164,7 @@ def _follow(client: Client, job_id: int) -> JobDetail:
                 if loss is not None:
                     info += f"  loss {loss:.4f}"
                 progress.update(task, total=int(total) if total else None,
-                                completed=step, info=escape(info))
+                                completed=step, info=_text(info))
                 if status.state.is_terminal:
                     break
                 time.sleep(1.0)
@@ -162,12 +179,12 @@ def _follow(client: Client, job_id: int) -> JobDetail:
 def _print_result(status: JobDetail) -> None:
     evals = {k: v.value for k, v in status.metrics.items() if k.startswith("eval_")
              and not k.endswith(("runtime", "per_second"))}
-    summary = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(evals.items()))
+    summary = ", ".join(f"{_text(k)} {_fmt(v)}" for k, v in sorted(evals.items()))
     err.print(f"job {status.id} {_state(status.state.value)}" + (f": {summary}" if summary else ""))
     if status.state == "succeeded":
-        err.print(f"artifacts: {escape(status.artifact_dir)}")
+        err.print(f"artifacts: {_text(status.artifact_dir)}")
     elif status.error:
-        err.print(f"[red]error:[/] {escape(status.error)}", highlight=False)
+        err.print(f"[red]error:[/] {_text(status.error)}", highlight=False)
 
 
 # -- inspection -----------------------------------------------------------------------------
@@ -183,9 +200,9 @@ def list_jobs(state: str | None, limit: int, output: str) -> None:
         return print_json(jobs)
     table = Table("id", "name", "objective", "state", "owner", "gpus", "created", "error")
     for j in jobs:
-        table.add_row(str(j.id), escape(j.name), j.objective, _state(j.state.value),
-                      escape(j.owner), str(j.gpus), j.created_at.isoformat()[:19],
-                      escape(j.error.splitlines()[0][:60]) if j.error else "")
+        table.add_row(str(j.id), _text(j.name), _text(j.objective), _state(j.state.value),
+                      _text(j.owner), str(j.gpus), j.created_at.isoformat()[:19],
+                      _text(j.error.splitlines()[0][:60]) if j.error else "")
     out.print(table)
 
 
@@ -198,37 +215,37 @@ def status(job_id: int, output: str) -> None:
     data = Client().get_as(JobDetail, f"/jobs/{job_id}")
     if output == "json":
         return print_json(data)
-    out.print(f"[bold]job {data.id}[/] {escape(data.name)} ({data.objective}) "
+    out.print(f"[bold]job {data.id}[/] {_text(data.name)} ({_text(data.objective)}) "
               f"{_state(data.state.value)}", highlight=False)
     if data.wait_reason:
-        out.print(f"  waiting: {escape(data.wait_reason)}", highlight=False)
+        out.print(f"  waiting: {_text(data.wait_reason)}", highlight=False)
     # Retries count only attempts lost to an infrastructure failure; an attempt Ray never
     # started does not use one up.
     retried = sum(a.outcome == AttemptOutcome.RETRIED for a in data.attempt_history)
-    out.print(f"  owner {escape(data.owner)}, {data.gpus} GPU(s), {data.cpus} CPU(s), "
+    out.print(f"  owner {_text(data.owner)}, {data.gpus} GPU(s), {data.cpus} CPU(s), "
               f"attempt {data.attempts}, retries used {retried} of {data.max_attempts - 1}, "
-              f"artifacts {escape(data.artifact_dir)}", highlight=False)
+              f"artifacts {_text(data.artifact_dir)}", highlight=False)
     if data.parent_job_id:
-        out.print(f"  resumes job {data.parent_job_id} from {escape(data.resume_from or '')}",
+        out.print(f"  resumes job {data.parent_job_id} from {_text(data.resume_from or '')}",
                   highlight=False)
     if data.error:
-        out.print(f"  [red]error:[/] {escape(data.error)}", highlight=False)
+        out.print(f"  [red]error:[/] {_text(data.error)}", highlight=False)
     if data.metrics:
         table = Table("metric", "step", "value", title="latest metrics")
         for name, m in sorted(data.metrics.items()):
-            table.add_row(escape(name), str(m.step), _fmt(m.value))
+            table.add_row(_text(name), str(m.step), _fmt(m.value))
         out.print(table)
     if len(data.attempt_history) > 1 or any(a.cause for a in data.attempt_history):
         table = Table("attempt", "Ray job", "started", "ended", "outcome", "cause", title="attempts")
         for a in data.attempt_history:
-            table.add_row(str(a.attempt), a.ray_submission_id, a.started_at.isoformat()[:19],
+            table.add_row(str(a.attempt), _text(a.ray_submission_id), a.started_at.isoformat()[:19],
                           a.ended_at.isoformat()[:19] if a.ended_at else "", a.outcome.value,
-                          escape(a.cause.splitlines()[0][:80]) if a.cause else "")
+                          _text(a.cause.splitlines()[0][:80]) if a.cause else "")
         out.print(table)
     table = Table("at", "from", "to", "by", "reason", title="history")
     for e in data.events:
         table.add_row(e.at.isoformat()[:19], e.from_state.value if e.from_state else "",
-                      e.to_state.value, escape(str(e.details.get("user", ""))), escape(e.reason))
+                      e.to_state.value, _text(str(e.details.get("user", ""))), _text(e.reason))
     out.print(table)
 
 
@@ -254,7 +271,7 @@ def metrics(job_id: int, name: str | None, include_superseded: bool, output: str
         key = (m.step, m.attempt, not m.superseded) if include_superseded else (m.step,)
         rows.setdefault(key, {})[m.name] = m.value
     table = Table("step", *(("attempt", "superseded") if include_superseded else ()),
-                  *(escape(n) for n in names))
+                  *(_text(n) for n in names))
     for key, values in sorted(rows.items()):
         marks = [str(key[1]), "" if key[2] else "*"] if include_superseded else []
         table.add_row(str(key[0]), *marks, *(_fmt(values.get(n)) for n in names))
@@ -278,7 +295,7 @@ def checkpoints(job_id: int, include_deleted: bool, output: str) -> None:
                           if k in ("eval_loss", "eval_rougeL", "eval_perplexity", "eval_accuracy"))
         table.add_row(str(c.step), c.kind.value + (" (deleted)" if c.deleted else ""),
                       "*" if c.is_best else "", "*" if c.is_latest else "",
-                      f"{c.size_bytes / 1e6:.1f}", shown, escape(c.path))
+                      f"{c.size_bytes / 1e6:.1f}", shown, _text(c.path))
     out.print(table)
 
 
@@ -292,7 +309,7 @@ def logs(job_id: int, follow: bool) -> None:
     offset = 0
     while True:
         data = client.get_as(LogsResponse, f"/jobs/{job_id}/logs", offset=offset)
-        click.echo(data.text, nl=False)
+        click.echo(_LOG_CONTROL.sub("", data.text), nl=False)
         offset = data.offset
         if not follow or data.state.is_terminal:
             break
@@ -305,7 +322,7 @@ def logs(job_id: int, follow: bool) -> None:
 def cancel(job_id: int) -> None:
     """Cancel a job: a queued one never starts, a running one is stopped."""
     data = Client().post_as(CancelResponse, f"/jobs/{job_id}/cancel")
-    click.echo(data.message)
+    click.echo(plain(data.message))
     if not data.cancelled:
         sys.exit(1)
 
@@ -318,7 +335,7 @@ def resume(job_id: int, wait: bool) -> None:
     """Continue a failed or cancelled job from its latest checkpoint, as a new job."""
     client = Client()
     job = client.post_as(JobSummary, f"/jobs/{job_id}/resume")
-    click.echo(f"submitted job {job.id} (resumes job {job_id} from {job.resume_from})")
+    click.echo(f"submitted job {job.id} (resumes job {job_id} from {plain(job.resume_from)})")
     if wait:
         final = _follow(client, job.id)
         sys.exit(0 if final.state == "succeeded" else 1)
@@ -340,7 +357,7 @@ def up(num_gpus: int | None, num_cpus: int | None) -> None:
         cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus)
     url = start_local_server()
     info = Client(url=url).get_as(ClusterInfo, "/cluster")
-    click.echo(f"orch is up: server {url}, Ray {info.jobs_url or 'none (no-op executor)'} "
+    click.echo(f"orch is up: server {url}, Ray {plain(info.jobs_url or 'none (no-op executor)')} "
                f"({info.gpus} GPUs, {info.cpus} CPUs, {info.nodes} node(s))")
 
 

@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Protocol
 
 from orchestrator import cluster
+from orchestrator.sandbox import Rules
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import Claimed
 
@@ -91,6 +92,8 @@ class RayJobsExecutor:
         env = {"ORCH_SERVER_URL": self.server_url, "ORCH_ATTEMPT_TOKEN": launch.token,
                "PYTHONUNBUFFERED": "1"}
         env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+        # The server's sandbox rules, which the worker applies again before it opens anything.
+        env.update(Rules.from_settings(self.settings).worker_env())
         if cluster.target().local:
             # Ray points a job's driver at the cluster named in /tmp/ray/ray_current_cluster:
             # the most recently started one on the machine, not necessarily ours. Name ours.

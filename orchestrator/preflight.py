@@ -3,6 +3,11 @@
 They use the real loading code (`AutoConfig`/`AutoTokenizer.from_pretrained`, the data
 files' own headers) so a spec that passes here fails later only for reasons that need a
 full run to find. Each problem names the field and says what to do.
+
+The sandbox rules (orchestrator.sandbox) come first: nothing outside what the operator
+allows is opened, or even looked for. And no message quotes what a file holds: a file that
+cannot be parsed is named with what kind of file it failed to be, never with its text (a
+column list is the one exception: the header of a file the rules allow).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from orchestrator.sandbox import Rules, current_rules
 from orchestrator.spec import JobSpec, Objective
 
 _EXTENSIONS = {
@@ -20,14 +26,36 @@ _EXTENSIONS = {
 }
 
 
+class _Unreadable(ValueError):
+    """A data file that is not what its extension says; the message never quotes it."""
+
+
 def _columns_of_file(path: Path) -> set[str]:
     kind = _EXTENSIONS.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(
-            f"unsupported file type {path.suffix!r}; use one of {', '.join(sorted(_EXTENSIONS))}"
+        raise _Unreadable(
+            f"unsupported file type {path.suffix[:20]!r}; use one of "
+            f"{', '.join(sorted(_EXTENSIONS))}"
         )
     if kind == "text":
         return {"text"}  # datasets' text builder yields one column, "text"
+    try:
+        return _header_columns(path, kind)
+    except _Unreadable:
+        raise
+    except UnicodeDecodeError:
+        raise _Unreadable("not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _Unreadable(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except csv.Error:
+        raise _Unreadable("not a valid CSV file") from None
+    except OSError as exc:
+        raise _Unreadable(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:  # pyarrow and friends: their messages may quote the data
+        raise _Unreadable(f"not a valid {kind} file ({type(exc).__name__})") from None
+
+
+def _header_columns(path: Path, kind: str) -> set[str]:
     if kind == "csv":
         with path.open(newline="") as fh:
             return set(next(csv.reader(fh), []))
@@ -40,28 +68,42 @@ def _columns_of_file(path: Path) -> set[str]:
         fh.seek(0)
         if head == "[":  # a JSON array of records
             records = json.load(fh)
+            if records and not isinstance(records[0], dict):
+                raise _Unreadable("a JSON array whose entries are not objects")
             return set(records[0]) if records else set()
-        for line in fh:  # JSON lines: the first non-empty record
+        for number, line in enumerate(fh, 1):  # JSON lines: the first non-empty record
             if line.strip():
-                return set(json.loads(line))
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise _Unreadable(f"line {number} is not a JSON object")
+                return set(record)
     return set()
+
+
+def _column_list(columns: set[str]) -> str:
+    """A file's column names for a message: the first 20, each cut short."""
+    names = sorted(columns)
+    listed = ", ".join(n if len(n) <= 40 else n[:37] + "..." for n in names[:20])
+    return (listed + (f", ... ({len(names)} in all)" if len(names) > 20 else "")) or "none"
 
 
 def _check_files(field: str, files: list[str], needed: list[tuple[str, str]]) -> list[str]:
     problems = []
     for name in files:
+        if "://" in name:
+            continue  # an object-store URL (allowed by the rules): the worker reads it
         path = Path(name)
         if not path.is_file():
             problems.append(f"{field}: file not found: {name}")
             continue
         try:
             columns = _columns_of_file(path)
-        except (ValueError, OSError) as exc:
+        except _Unreadable as exc:
             problems.append(f"{field}: cannot read {name}: {exc}")
             continue
         for column_field, column in needed:
             if column not in columns:
-                have = ", ".join(sorted(columns)) or "none"
+                have = _column_list(columns)
                 problems.append(
                     f"{column_field}: column {column!r} not in {path.name} (columns: {have}); "
                     "set it to one of them"
@@ -87,8 +129,9 @@ def check_dataset(spec: JobSpec) -> list[str]:
 
         builder = load_dataset_builder(ds.name, ds.config)
     except Exception as exc:  # datasets raises many kinds; all mean "cannot find it"
+        # Its message is left out: it can quote the files it tried to read.
         return [
-            f"dataset.name: cannot load {ds.name!r} ({type(exc).__name__}: {exc}); give a "
+            f"dataset.name: cannot load {ds.name!r} ({type(exc).__name__}); give a "
             "local dataset dir, data files (train_files), or a hub dataset reachable from here"
         ]
     features = builder.info.features
@@ -96,7 +139,7 @@ def check_dataset(spec: JobSpec) -> list[str]:
         return []  # column names only known after reading data; the worker checks them
     return [
         f"{field}: column {column!r} not in dataset {ds.name!r} "
-        f"(columns: {', '.join(features)})"
+        f"(columns: {_column_list(set(features))})"
         for field, column in needed
         if column not in features
     ]
@@ -151,9 +194,9 @@ def _check_model_and_tokenizer(spec: JobSpec) -> list[str]:
         problems.append(kind)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
-    except Exception as exc:
+    except Exception as exc:  # its message can quote a malformed tokenizer file: left out
         problems.append(
-            f"tokenizer: cannot load {spec.tokenizer!r} ({type(exc).__name__}: {exc}); "
+            f"tokenizer: cannot load {spec.tokenizer!r} ({type(exc).__name__}); "
             "save the tokenizer with the model or set `tokenizer:`"
         )
         return problems
@@ -182,6 +225,10 @@ def check_storage(spec: JobSpec) -> list[str]:
     return []
 
 
-def preflight(spec: JobSpec) -> list[str]:
-    """All cheap checks; an empty list means the spec is ready to run."""
+def preflight(spec: JobSpec, rules: Rules | None = None) -> list[str]:
+    """All cheap checks; an empty list means the spec is ready to run. The sandbox rules
+    (this process's, unless given) come first: while any field reaches outside them, those
+    are the only problems reported and nothing is opened."""
+    if outside := (rules or current_rules()).problems(spec):
+        return outside
     return check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)

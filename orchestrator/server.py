@@ -27,6 +27,7 @@ from orchestrator.errors import OrchError, ProblemsError
 from orchestrator.executor import Executor, RayJobsExecutor
 from orchestrator.preflight import warm_up
 from orchestrator.routes import jobs, worker
+from orchestrator.sandbox import prepare_server
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import Store
@@ -157,6 +158,7 @@ def serve(host: str, port: int) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
+    prepare_server(settings)  # umask 077, a private $ORCH_HOME, the roots checked
     # Workers on this machine reach a loopback or all-interfaces server at 127.0.0.1.
     local = f"http://127.0.0.1:{port}" if host in ("127.0.0.1", "0.0.0.0", "localhost") else None
     server_url = settings.advertised_url or local or f"http://{host}:{port}"

@@ -16,12 +16,13 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.errors import SettingsError
+from orchestrator.sandbox import parse_roots, parse_schemes, private_dir
 
 # Ray's default worker port range: a Ray client server port inside it collides with a worker.
 RAY_WORKER_PORTS = range(10002, 20000)
@@ -103,6 +104,28 @@ class Settings(BaseSettings):
                            description="GPUs the `noop` executor pretends to have")
     noop_cpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
                            description="CPUs the `noop` executor pretends to have")
+    # -- what a job spec may touch (orchestrator.sandbox) ----------------------------------
+    # Comma-separated lists: NoDecode keeps pydantic-settings from reading them as JSON.
+    allowed_url_schemes: Annotated[list[str], NoDecode] = Field(
+        ["s3", "gs", "az"], json_schema_extra=_used_by("server"),
+        description="URL schemes a spec may use, for checkpoint storage and dataset files "
+                    "alike (`webhdfs://`, `ftp://`, `http://` ... are refused: a spec must not "
+                    "make the server connect wherever it says)")
+    data_roots: Annotated[list[str] | None, NoDecode] = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="directories (and URL prefixes, e.g. `s3://team-bucket/data`) that a "
+                    "spec's dataset files, dataset dirs and model/tokenizer dirs must lie "
+                    "under, after resolving `..`, `~` and links; unset: anywhere with `--auth "
+                    "local`, only `$ORCH_HOME/data` and `$ORCH_HOME/jobs` with `--auth users`")
+    storage_roots: Annotated[list[str] | None, NoDecode] = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="directories and URL prefixes that `checkpoints.storage` must lie under, "
+                    "e.g. `/shared/orch,s3://team-bucket/orch`; unset: anywhere with `--auth "
+                    "local`, only `$ORCH_HOME/jobs` with `--auth users`")
+    allow_hub: bool = Field(
+        True, json_schema_extra=_used_by("server"),
+        description="`false` refuses hub ids (`org/model`, hub dataset names): for a server "
+                    "with no way to the hub")
     advertised_url: str | None = Field(
         None, json_schema_extra=_used_by("server"),
         description="the URL Ray workers reach this server at, to report on their attempt; "
@@ -126,7 +149,31 @@ class Settings(BaseSettings):
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
+        # Absolute: the server changes its working directory at start (sandbox).
+        return value.expanduser().absolute()
+
+    @field_validator("database_url")
+    @classmethod
+    def _absolute_sqlite(cls, value: str | None) -> str | None:
+        """A relative SQLite path is relative to where the command started, not to the
+        server's working directory (which the server changes at start)."""
+        prefix = "sqlite:///"
+        if value and value.startswith(prefix) and value[len(prefix):] not in ("", ":memory:"):
+            path = value[len(prefix):]
+            if not path.startswith("/"):
+                return prefix + str(Path(path).absolute())
+        return value
+
+    @field_validator("allowed_url_schemes", mode="before")
+    @classmethod
+    def _schemes(cls, value: Any) -> list[str]:
+        return parse_schemes(value)
+
+    @field_validator("data_roots", "storage_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any, info: ValidationInfo) -> list[str] | None:
+        schemes = info.data.get("allowed_url_schemes") or []
+        return parse_roots(env_name(str(info.field_name)), value, schemes)
 
     @field_validator("ray_client_port")
     @classmethod
@@ -140,8 +187,11 @@ class Settings(BaseSettings):
 
     # -- derived values ---------------------------------------------------------------------
     def home_dir(self) -> Path:
-        """`home`, created on first use."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        """`home`, created 0700 on first use (an existing one of ours made private): it
+        holds the database, tokens and every job's logs."""
+        if self.home not in _PRIVATE or not self.home.is_dir():
+            private_dir(self.home)
+            _PRIVATE.add(self.home)
         return self.home
 
     def database(self) -> str:
@@ -149,6 +199,10 @@ class Settings(BaseSettings):
 
     def local_server_url(self) -> str:
         return f"http://127.0.0.1:{self.server_port}"
+
+
+# Homes already made private by this process (home_dir is called on every log write).
+_PRIVATE: set[Path] = set()
 
 
 def env_name(field: str) -> str:
@@ -182,6 +236,10 @@ def settings_table() -> str:
     rows = ["| variable | default | used by | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         default = field.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        elif isinstance(default, bool):
+            default = str(default).lower()
         shown = ("unset" if default is None else f"`{default}`")
         used_by = (field.json_schema_extra or {}).get("used_by", "")  # type: ignore[union-attr]
         rows.append(f"| `{env_name(name)}` | {shown} | {used_by} | {field.description} |")

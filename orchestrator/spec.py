@@ -28,6 +28,7 @@ from pydantic import (
 
 # Re-exported: the error load_spec and friends raise.
 from orchestrator.errors import SpecError as SpecError
+from orchestrator.sandbox import shown
 
 
 class Objective(str, Enum):
@@ -36,8 +37,24 @@ class Objective(str, Enum):
     SEQ2SEQ = "seq2seq"  # encoder-decoder (T5, BART, ...): input text -> target text
 
 
+# Bounds that hold for every spec (the API's, and the stored row's): no field holds more
+# than MAX_TEXT characters or a list more than MAX_LIST entries; counts of steps, samples
+# and tokens stay far below where they would overflow anything downstream.
+MAX_TEXT = 4096
+MAX_LIST = 1000
+MAX_STEPS = 10_000_000
+MAX_TOKENS = 1_048_576
+MAX_BATCH = 65_536
+MAX_SAMPLES = 10**12
+MAX_WORKERS = 4096
+INT32 = 2**31 - 1
+MAX_SPEC_BYTES = 1024 * 1024
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN and +-Infinity are refused in every float field (JSON cannot
+    # store them, and no setting means them).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=MAX_TEXT)
 
 
 class DatasetSpec(_Section):
@@ -47,8 +64,8 @@ class DatasetSpec(_Section):
     name: str | None = None
     config: str | None = None
     # Or data files: json/jsonl/csv/parquet/txt (format from the extension).
-    train_files: list[str] | None = None
-    eval_files: list[str] | None = None
+    train_files: list[str] | None = Field(default=None, max_length=MAX_LIST)
+    eval_files: list[str] | None = Field(default=None, max_length=MAX_LIST)
     train_split: str = "train"
     eval_split: str | None = None
     # Held-out fraction of the train split, when no eval files or eval split are given.
@@ -56,8 +73,8 @@ class DatasetSpec(_Section):
     text_column: str = "text"
     # seq2seq only: the column with the target text.
     target_column: str | None = None
-    max_train_samples: StrictInt | None = Field(default=None, ge=1)
-    max_eval_samples: StrictInt | None = Field(default=None, ge=1)
+    max_train_samples: StrictInt | None = Field(default=None, ge=1, le=MAX_SAMPLES)
+    max_eval_samples: StrictInt | None = Field(default=None, ge=1, le=MAX_SAMPLES)
 
     @field_validator("train_files", "eval_files", mode="before")
     @classmethod
@@ -85,12 +102,12 @@ class DatasetSpec(_Section):
 class ResourcesSpec(_Section):
     # GPUs of the whole job; 0 trains on CPU. gpus > 1 trains data-parallel: one Ray Train
     # worker per GPU.
-    gpus: StrictInt = Field(default=0, ge=0)
+    gpus: StrictInt = Field(default=0, ge=0, le=MAX_WORKERS)
     # CPUs per worker (with one worker, the job's CPUs).
-    cpus: StrictInt = Field(default=1, ge=1)
+    cpus: StrictInt = Field(default=1, ge=1, le=MAX_WORKERS)
     # Data-parallel workers. Default: gpus (one per GPU), or 1 on CPU. With gpus > 0 it must
     # equal gpus: each worker holds exactly one GPU.
-    workers: StrictInt | None = Field(default=None, ge=1)
+    workers: StrictInt | None = Field(default=None, ge=1, le=MAX_WORKERS)
     # pack: as few nodes as possible; spread: one worker per node where possible.
     placement: Literal["pack", "spread"] = "pack"
 
@@ -127,24 +144,25 @@ class Precision(str, Enum):
 
 class TrainingSpec(_Section):
     # Length of training: exactly one of max_steps or epochs (epochs=1 when neither is given).
-    max_steps: StrictInt | None = Field(default=None, ge=1)
-    epochs: float | None = Field(default=None, gt=0)
-    learning_rate: float = Field(default=5e-5, gt=0)
-    batch_size: StrictInt = Field(default=8, ge=1)
-    eval_batch_size: StrictInt | None = Field(default=None, ge=1)
-    gradient_accumulation_steps: StrictInt = Field(default=1, ge=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: StrictInt = Field(default=0, ge=0)
+    max_steps: StrictInt | None = Field(default=None, ge=1, le=MAX_STEPS)
+    epochs: float | None = Field(default=None, gt=0, le=100_000)
+    learning_rate: float = Field(default=5e-5, gt=0, le=10)
+    batch_size: StrictInt = Field(default=8, ge=1, le=MAX_BATCH)
+    eval_batch_size: StrictInt | None = Field(default=None, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: StrictInt = Field(default=1, ge=1, le=MAX_BATCH)
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    warmup_steps: StrictInt = Field(default=0, ge=0, le=MAX_STEPS)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     # Tokens per example (clm/mlm block size; seq2seq source length).
-    max_length: StrictInt = Field(default=128, ge=8)
+    max_length: StrictInt = Field(default=128, ge=8, le=MAX_TOKENS)
     # Cadence in optimizer steps; None evaluates/saves at the end only.
-    eval_steps: StrictInt | None = Field(default=None, ge=1)
-    save_steps: StrictInt | None = Field(default=None, ge=1)
-    logging_steps: StrictInt = Field(default=10, ge=1)
-    seed: StrictInt = 42
+    eval_steps: StrictInt | None = Field(default=None, ge=1, le=MAX_STEPS)
+    save_steps: StrictInt | None = Field(default=None, ge=1, le=MAX_STEPS)
+    logging_steps: StrictInt = Field(default=10, ge=1, le=MAX_STEPS)
+    # numpy's seed range: anything else fails in the driver, not here.
+    seed: StrictInt = Field(default=42, ge=0, le=2**32 - 1)
     precision: Precision = Precision.FP32
-    dataloader_workers: StrictInt = Field(default=0, ge=0)
+    dataloader_workers: StrictInt = Field(default=0, ge=0, le=256)
     # Data parallelism with more than one worker: ddp replicates the model on every worker;
     # fsdp shards parameters, gradients and optimizer state (models that don't fit one GPU).
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -155,9 +173,9 @@ class TrainingSpec(_Section):
     mlm_probability: float | None = None
     # seq2seq only.
     source_prefix: str | None = None
-    max_target_length: StrictInt | None = Field(default=None, ge=1)
-    generation_max_length: StrictInt | None = Field(default=None, ge=1)
-    generation_num_beams: StrictInt | None = Field(default=None, ge=1)
+    max_target_length: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    generation_max_length: StrictInt | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    generation_num_beams: StrictInt | None = Field(default=None, ge=1, le=64)
 
     @model_validator(mode="after")
     def _length_and_cadence(self) -> TrainingSpec:
@@ -178,7 +196,7 @@ _PROCESS_LOCAL_PROTOCOLS = ("memory", "async_wrapper", "asyncwrapper", "cached",
 
 class CheckpointsSpec(_Section):
     # Keep this many most recent checkpoints (plus the best one).
-    keep_last: StrictInt = Field(default=2, ge=1)
+    keep_last: StrictInt = Field(default=2, ge=1, le=MAX_LIST)
     # Eval metric that picks the best checkpoint, e.g. eval_loss or eval_rougeL.
     best_metric: str = "eval_loss"
     # min or max; by default min for losses/perplexity, max for everything else.
@@ -254,8 +272,8 @@ class JobSpec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
-    # Higher runs first.
-    priority: StrictInt = 0
+    # Higher runs first. A 32-bit integer (the store's column).
+    priority: StrictInt = Field(default=0, ge=-INT32 - 1, le=INT32)
     # Extra attempts after an infrastructure failure (worker process killed, node or cluster
     # lost); each resumes from the latest checkpoint. Errors in the job itself never retry.
     retries: StrictInt = Field(default=0, ge=0, le=100)
@@ -318,8 +336,39 @@ class JobSpec(_Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """A NUL character in any string is refused up front: no path function takes one,
+        and PostgreSQL cannot store one in JSON."""
+        try:
+            found = list(_nul_paths(data, ""))
+        except RecursionError:
+            raise _Problems(["the spec is nested too deeply; a spec is a few levels of "
+                             "keys"]) from None
+        if found:
+            raise _Problems([f"{where}: holds a NUL character (\\0); remove it"
+                             for where in found[:10]])
+        return data
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
+
+
+def _nul_paths(value: Any, where: str) -> Iterable[str]:
+    """Dotted locations of the strings (keys included) holding a NUL, in plain data."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield where or "spec"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and "\0" in key:
+                yield here
+            yield from _nul_paths(item, here)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nul_paths(item, f"{where}.{index}")
 
 
 class _Problems(ValueError):
@@ -355,18 +404,27 @@ def _format_validation_error(error: ValidationError, model: type[BaseModel]) -> 
         elif kind == "missing":
             problems.append(f"{loc}: required; add it to the spec")
         elif kind in ("enum", "literal_error"):
-            problems.append(f"{loc}: must be one of {ctx.get('expected')} (got {given!r})")
+            problems.append(f"{loc}: must be one of {ctx.get('expected')} (got {shown(given)})")
         elif kind in ("int_type", "int_from_float", "int_parsing"):
-            problems.append(f"{loc}: must be a whole number (got {given!r}); e.g. {loc.split('.')[-1]}: 2")
+            problems.append(f"{loc}: must be a whole number (got {shown(given)}); e.g. "
+                            f"{loc.split('.')[-1]}: 2")
         elif kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
             bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<",
                      "less_than_equal": "<="}[kind]
             limit = next(iter(ctx.values()), "?")
-            problems.append(f"{loc}: must be {bound} {limit} (got {given!r})")
+            problems.append(f"{loc}: must be {bound} {limit} (got {shown(given)})")
+        elif kind == "finite_number":
+            problems.append(f"{loc}: must be a finite number (got {shown(given)})")
+        elif kind == "string_too_long":
+            problems.append(f"{loc}: at most {ctx.get('max_length')} characters (got "
+                            f"{len(given)}); shorten it")
+        elif kind == "too_long":
+            problems.append(f"{loc}: at most {ctx.get('max_length')} entries (got "
+                            f"{ctx.get('actual_length') or 'more'}); use fewer")
         else:
             msg = item["msg"].removeprefix("Value error, ")
             where = f"{loc}: " if loc else ""
-            problems.append(f"{where}{msg} (got {given!r})" if kind.endswith("_type") else
+            problems.append(f"{where}{msg} (got {shown(given)})" if kind.endswith("_type") else
                             f"{where}{msg}")
     return problems
 
@@ -394,6 +452,28 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, without aliases: a spec is a few dozen plain values, and an
+    alias (`*name`) is how a few hundred bytes of YAML expand into gigabytes (the "billion
+    laughs"). The first alias stops the parse, before anything is expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, mark: Any) -> None:
+        super().__init__("alias")
+        self.problem_mark = mark
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`training.learning_rate=1e-4` -> ("training.learning_rate", 1e-4). Values are YAML."""
     key, sep, raw = text.partition("=")
@@ -401,8 +481,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
         raise SpecError([f"--set {text!r}: write KEY=VALUE, e.g. --set training.learning_rate=1e-4"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+        value = _load_yaml(raw) if raw.strip() else ""
+    except _AliasRefused:
+        raise SpecError([f"--set {key}: YAML aliases (*name) are not allowed; write the value "
+                         "out"]) from None
+    except (yaml.YAMLError, RecursionError) as exc:
         raise SpecError([f"--set {key}: value is not valid YAML ({exc})"]) from None
     # `prefix=summarize: ` is meant as text: only flow syntax ({...} or [...]) makes a
     # mapping or a list on the command line.
@@ -417,9 +500,20 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def parse_yaml(text: str, source: str = "spec") -> dict[str, Any]:
-    """Parse YAML as plain data. Tags that would build Python objects are refused."""
+    """Parse YAML as plain data. Tags that would build Python objects are refused, and so
+    are aliases and texts over MAX_SPEC_BYTES (the server takes no larger request)."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError([f"the file is {len(text)} characters; a spec is at most "
+                         f"{MAX_SPEC_BYTES} (a few dozen settings)"], source)
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except _AliasRefused as exc:
+        line = exc.problem_mark.line + 1
+        raise SpecError([f"line {line}: YAML aliases (*name) are not allowed in a spec; write "
+                         "the value out where it is used"], source) from None
+    except RecursionError:
+        raise SpecError(["the YAML is nested too deeply; a spec is a few levels of keys"],
+                        source) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         line = f" line {mark.line + 1}:" if mark else ""

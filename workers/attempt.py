@@ -31,6 +31,7 @@ from typing import Any
 
 from orchestrator.api import WorkerFinished, WorkerJob, WorkerStarted
 from orchestrator.errors import SpecError
+from orchestrator.sandbox import current_rules
 from orchestrator.spec import JobSpec, spec_from_dict
 from orchestrator.states import JobState
 from workers import storage
@@ -93,12 +94,24 @@ def begin(client: ControlPlaneClient, *, where: str, details: dict[str, Any]) ->
     if job.state not in (JobState.PENDING, JobState.RUNNING):
         return Decision(**{**base.__dict__, "why_not": f"the job is {job.state.value}"})
     try:
-        spec_from_dict(job.spec)
+        spec = spec_from_dict(job.spec)
     except SpecError as exc:
         # The spec was valid when it was submitted; a worker that cannot read it now (an
         # older or newer orch on the cluster) will not do better on a retry.
         fail(client, f"the worker cannot use the job's spec: {exc}")
         return Decision(**{**base.__dict__, "why_not": "invalid spec"})
+    # The sandbox rules again, here, before anything is opened: a path checked at submit
+    # may have become a link to somewhere else since, and the rules may have tightened
+    # (a resumed job's spec). Nothing of that gets better on a retry either.
+    if outside := current_rules().problems(spec):
+        fail(client, "the job's spec reaches outside what this cluster allows: "
+             + "; ".join(outside))
+        return Decision(**{**base.__dict__, "why_not": "outside the sandbox"})
+    try:
+        storage.refuse_links(job.artifact_dir)
+    except storage.LinkRefused as exc:
+        fail(client, str(exc))
+        return Decision(**{**base.__dict__, "why_not": "a link in the job directory"})
     resume_from, step, resume_words = resume_point(job)
     restart = job.state == JobState.RUNNING
     reason = (f"attempt {job.attempt}: Ray Train restarted the worker group after a worker "
@@ -140,6 +153,7 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
     """Run the attempt's training in this process and, on the leader, report it; returns
     the final eval metrics. Raises on failure, after recording it when it is the job's.
     `callbacks`: more Trainer callbacks; `flush_seconds`: how often metrics are sent."""
+    from workers.guards import NoLinks
     from workers.reporting import AttemptReporter
     from workers.training import run_training
 
@@ -150,8 +164,12 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
     reporter = (AttemptReporter(outbox, upload_to=artifacts.url, flush_seconds=flush_seconds)
                 if outbox else None)
     try:
+        # Every process checks what it opens and where it writes (begin ran on one only).
+        current_rules().require(spec)
+        storage.refuse_links(artifacts.local_dir)
         final_metrics = run_training(spec, artifacts.local_dir,
-                                     callbacks=[*([reporter] if reporter else []), *callbacks],
+                                     callbacks=[*([reporter] if reporter else []),
+                                                NoLinks(artifacts.local_dir), *callbacks],
                                      resume_from_checkpoint=decision.resume_from,
                                      upload_to=artifacts.url)
         if reporter is None or outbox is None:

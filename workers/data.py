@@ -13,6 +13,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from orchestrator.errors import SpecError
+from orchestrator.sandbox import current_rules
 from orchestrator.spec import JobSpec, Objective
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,40 @@ def builder_for(files: list[str]) -> str:
     return kinds.pop()
 
 
-def _from_files(files: list[str]) -> Dataset:
+def _from_files(field: str, files: list[str]) -> Dataset:
+    # The sandbox rules first: outside them nothing is opened or even looked for.
+    rules = current_rules()
+    if outside := [p for f in files if (p := rules.check_source(field, f, hub=False))]:
+        raise SpecError(outside)
     missing = [f for f in files if "://" not in f and not Path(f).exists()]
     if missing:
-        raise FileNotFoundError(f"dataset files not found: {', '.join(missing)}")
-    return load_dataset(builder_for(files), data_files=files, split="train")
+        raise FileNotFoundError(f"{field}: files not found: {', '.join(missing)}")
+    builder = builder_for(files)
+    try:
+        return load_dataset(builder, data_files=files, split="train")
+    except Exception as exc:
+        # Not chained: the parser's own message (and so the log's traceback) can quote the
+        # file's contents.
+        raise ValueError(f"{field}: cannot read {', '.join(files)} as {builder} "
+                         f"({type(exc).__name__}); check the files' format") from None
 
 
 def _from_name(spec: JobSpec, split: str) -> Dataset:
+    ds = spec.dataset
+    assert ds.name is not None
+    if outside := current_rules().check_source("dataset.name", ds.name, urls=False):
+        raise SpecError([outside])
+    try:
+        return _load_named(spec, split)
+    except Exception as exc:
+        if str(exc).startswith("dataset.name:"):
+            raise  # ours, already one line naming the field
+        # Not chained, for the same reason as in _from_files.
+        raise ValueError(f"dataset.name: cannot load split {split!r} of {ds.name} "
+                         f"({type(exc).__name__}); check its splits and files") from None
+
+
+def _load_named(spec: JobSpec, split: str) -> Dataset:
     ds = spec.dataset
     assert ds.name is not None
     path = Path(ds.name)
@@ -91,8 +119,8 @@ def load_splits(spec: JobSpec) -> tuple[Dataset, Dataset | None]:
     """(train, eval) datasets for the spec; eval is None when the spec names no eval data."""
     ds = spec.dataset
     if ds.train_files:
-        train = _from_files(ds.train_files)
-        evaluation = _from_files(ds.eval_files) if ds.eval_files else None
+        train = _from_files("dataset.train_files", ds.train_files)
+        evaluation = _from_files("dataset.eval_files", ds.eval_files) if ds.eval_files else None
     else:
         train = _from_name(spec, ds.train_split)
         evaluation = _from_name(spec, ds.eval_split) if ds.eval_split else None

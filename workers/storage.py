@@ -21,6 +21,7 @@ role), never from the job spec, which is stored and shown to every user.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,29 @@ def remove(location: str | Path) -> None:
     fs, root = _filesystem(str(location))
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+class LinkRefused(ValueError):
+    """A symbolic link where a job's files go: refused, never followed."""
+
+
+def refuse_links(directory: str | Path) -> None:
+    """Refuse a job's directory that is, or holds anywhere under it, a symbolic link.
+
+    orch makes a job's directory itself (0700, at submit) and never puts a link in it, so a
+    link there was planted: following it would write checkpoints (or read a resume
+    checkpoint) wherever it points. The worker checks before it reads the directory and
+    before each checkpoint and the final model are written."""
+    directory = str(directory)
+    if os.path.islink(directory):
+        raise LinkRefused(f"the job directory {directory} is a symbolic link; orch never "
+                          "follows one there (remove it)")
+    for parent, dirs, files in os.walk(directory):  # does not descend into linked dirs
+        for name in (*dirs, *files):
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                raise LinkRefused(f"{path} is a symbolic link inside the job directory; "
+                                  "orch never follows one there (remove it)")
 
 
 def check_reachable(url: str) -> str | None:

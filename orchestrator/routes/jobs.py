@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
@@ -28,8 +28,12 @@ from orchestrator.errors import Conflict, InvalidRequest, SpecError
 from orchestrator.joblogs import read_logs
 from orchestrator.models import CheckpointKind, Job
 from orchestrator.preflight import preflight
+from orchestrator.sandbox import Rules, make_job_dir, new_job_dirs
 from orchestrator.spec import JobSpec, spec_from_dict
 from orchestrator.states import JobState
+
+if TYPE_CHECKING:
+    from orchestrator.server import ControlPlane
 
 router = APIRouter(dependencies=[Depends(current_user)])
 JobId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="a job id")]
@@ -68,7 +72,7 @@ def cluster_info(request: Request) -> ClusterInfo:
 def submit(body: SubmitRequest, request: Request, user: CurrentUser) -> JobSummary:
     plane = plane_of(request)
     spec = spec_from_dict(body.spec)
-    problems = preflight(spec)
+    problems = preflight(spec, Rules.from_settings(plane.settings))
     # The store's gpus/cpus are the whole job's (every worker's), which admission counts.
     gpus, cpus = spec.resources.gpus, spec.resources.total_cpus
     if reason := plane.scheduler.never_fits(gpus, cpus):
@@ -77,14 +81,31 @@ def submit(body: SubmitRequest, request: Request, user: CurrentUser) -> JobSumma
         problems.append(reason)
     if problems:
         raise SpecError(problems)
-    job = plane.store.create_job(
-        name=spec.name, objective=spec.objective.value, owner=user.name,
+    job = create_job(
+        plane, name=spec.name, objective=spec.objective.value, owner=user.name,
         spec=spec.to_dict(), spec_yaml=body.spec_yaml, gpus=gpus, cpus=cpus,
         priority=spec.priority, max_attempts=spec.retries + 1,
         artifact_root=_artifact_root(spec),
     )
     plane.wake()
     return JobSummary.of(job)
+
+
+def create_job(plane: ControlPlane, **fields: Any) -> Job:
+    """A new job row and its directories, or neither. The spec is checked against the
+    sandbox rules first (a resumed job's too: the rules may have tightened since). The
+    directories (the artifact dir, and the server's `$ORCH_HOME/jobs/<id>` for its logs
+    when that is elsewhere) are made 0700 and exclusively inside the row's transaction: one
+    that already exists refuses the job and rolls the row back."""
+    Rules.from_settings(plane.settings).require(spec_from_dict(fields["spec"]))
+    own = plane.settings.home_dir() / "jobs"
+
+    def make_dirs(job: Job) -> None:
+        for path in dict.fromkeys([Path(job.artifact_dir), own / str(job.id)]):
+            make_job_dir(path, made)
+
+    with new_job_dirs() as made:
+        return plane.store.create_job(**fields, on_created=make_dirs)
 
 
 @router.get("/jobs", response_model=list[JobSummary])
@@ -137,8 +158,8 @@ def resume(job_id: JobId, request: Request, user: CurrentUser) -> JobSummary:
     if latest is None:
         raise Conflict(f"job {job_id} has no complete checkpoint to resume from; submit its "
                        "spec again instead")
-    job = plane.store.create_job(
-        name=old.name, objective=old.objective, owner=user.name, spec=old.spec,
+    job = create_job(
+        plane, name=old.name, objective=old.objective, owner=user.name, spec=old.spec,
         spec_yaml=old.spec_yaml, gpus=old.gpus, cpus=old.cpus, priority=old.priority,
         max_attempts=old.max_attempts, parent_job_id=job_id, resume_from=latest[1],
         artifact_root=_artifact_root(spec_from_dict(old.spec)),

@@ -7,7 +7,7 @@ way in one transaction (`claim_jobs`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -97,6 +97,7 @@ class JobsStore(StoreBase):
         resume_from: str | None = None,
         reason: str | None = None,
         details: dict[str, Any] | None = None,
+        on_created: Callable[[Job], None] | None = None,
     ) -> Job:
         for label, value in (("name", name), ("objective", objective), ("owner", owner)):
             if not isinstance(value, str) or not value.strip():
@@ -121,6 +122,8 @@ class JobsStore(StoreBase):
             session.flush()
             assert job.id is not None
             job.artifact_dir = str(root.absolute() / str(job.id))
+            if on_created is not None:
+                on_created(job)  # e.g. make the job's directory; raising rolls all back
             session.add(JobEvent(job_id=job.id, from_state=None, to_state=JobState.QUEUED,
                                  reason=reason or f"submitted by {owner}", at=now,
                                  details={"user": owner, **(details or {})}))

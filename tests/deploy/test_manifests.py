@@ -1,8 +1,10 @@
-"""deploy/: the manifests parse, and agree with the code and with each other.
+"""deploy/: the manifests parse, and agree with the code, with each other and with the
+security model (docs/security.md).
 
-No Kubernetes here: what can drift silently is checked instead. Settings the code never
-reads, a Ray image or RayCluster version other than the one pyproject.toml pins, a Service
-pointing at a port the server does not listen on.
+No Kubernetes here: what can drift silently is checked instead. Settings the code does not
+have, a Ray image or RayCluster version other than the one pyproject.toml pins, a Service
+pointing at a port the server does not listen on, a Ray pod that could read the database's
+credentials, a server that is not a team server.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from orchestrator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -28,15 +32,34 @@ def by_kind(kind: str) -> list[dict[str, Any]]:
     return [d for d in documents() if d["kind"] == kind]
 
 
-def containers() -> list[dict[str, Any]]:
+def pods() -> list[tuple[str, dict[str, Any]]]:
+    """(which, pod spec) of every pod template: "server", "ray-head", "ray-worker"."""
     found = []
     for doc in documents():
         spec = doc["spec"]
-        templates = [spec.get("template"), spec.get("headGroupSpec", {}).get("template"),
-                     *(g["template"] for g in spec.get("workerGroupSpecs", []))]
-        for template in filter(None, templates):
-            found += template["spec"]["containers"]
+        if doc["kind"] == "Deployment":
+            found.append(("server", spec["template"]["spec"]))
+        if doc["kind"] == "RayCluster":
+            found.append(("ray-head", spec["headGroupSpec"]["template"]["spec"]))
+            found += [("ray-worker", g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
     return found
+
+
+def containers(init: bool = False) -> list[dict[str, Any]]:
+    """Every pod's containers (with `init`, their init containers too)."""
+    found = []
+    for _, pod in pods():
+        found += pod["containers"] + (pod.get("initContainers", []) if init else [])
+    return found
+
+
+def server_container() -> dict[str, Any]:
+    [deployment] = by_kind("Deployment")
+    [server] = deployment["spec"]["template"]["spec"]["containers"]
+    return server
+
+
+DATABASE_SECRET = "orch-database"
 
 
 def pinned_ray_version() -> str:
@@ -47,19 +70,86 @@ def pinned_ray_version() -> str:
 
 def test_every_manifest_parses_into_kubernetes_objects() -> None:
     kinds = sorted(d["kind"] for d in documents())
-    assert kinds == ["Deployment", "PersistentVolumeClaim", "RayCluster", "Service"]
+    assert kinds == ["Deployment", "Ingress", "PersistentVolumeClaim", "RayCluster", "Service"]
     assert all({"apiVersion", "kind", "metadata"} <= set(d) for d in documents())
 
 
-def test_orch_settings_in_the_manifests_are_ones_the_code_reads() -> None:
-    source = "\n".join(p.read_text() for p in (REPO / "orchestrator").rglob("*.py"))
-    names = {e["name"] for c in containers() for e in c.get("env", [])}
-    names |= set(re.findall(r"\b(ORCH_[A-Z_]+)\b", (DEPLOY / "Dockerfile").read_text()))
-    names |= set(re.findall(r"\b(ORCH_[A-Z_]+)\b", (DEPLOY / "README.md").read_text()))
+def test_every_orch_variable_in_deploy_is_a_setting() -> None:
+    settings = {f"ORCH_{name.upper()}" for name in Settings.model_fields}
+    names = {e["name"] for c in containers(init=True) for e in c.get("env", [])}
+    names |= set(re.findall(r"\b(ORCH_[A-Z_]+[A-Z])\b", (DEPLOY / "Dockerfile").read_text()))
+    names |= set(re.findall(r"\b(ORCH_[A-Z_]+[A-Z])\b", (DEPLOY / "README.md").read_text()))
     orch = {n for n in names if n.startswith("ORCH_")}
     assert orch, "the manifests configure orch through ORCH_* variables"
-    unread = sorted(n for n in orch if f'"{n}"' not in source)
-    assert not unread, f"set in deploy/ but never read by orchestrator/: {unread}"
+    assert sorted(orch - settings) == [], "set in deploy/ but not a setting of orch"
+
+
+def _secrets_of(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """Names of the Secrets a container can read: env, envFrom and mounted volumes."""
+    names = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", [])
+             if "secretKeyRef" in e.get("valueFrom", {})}
+    names |= {f["secretRef"]["name"] for f in container.get("envFrom", []) if "secretRef" in f}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    return names
+
+
+def test_only_the_server_can_read_the_database_credentials() -> None:
+    """Workers report through the server's API: no Ray pod gets a database URL, by name or
+    by Secret, and the server does not hand one on (ORCH_WORKER_DATABASE_URL is gone)."""
+    for which, pod in pods():
+        for container in pod["containers"] + pod.get("initContainers", []):
+            env = {e["name"] for e in container.get("env", [])}
+            assert "ORCH_WORKER_DATABASE_URL" not in env
+            if which == "server" and container in pod["containers"]:
+                assert DATABASE_SECRET in _secrets_of(pod, container)
+                continue
+            assert not env & {"ORCH_DATABASE_URL", "DATABASE_URL", "PGPASSWORD"}, which
+            assert DATABASE_SECRET not in _secrets_of(pod, container), which
+    assert "ORCH_WORKER_DATABASE_URL" not in (DEPLOY / "README.md").read_text()
+
+
+def test_the_server_is_a_team_server_with_closed_roots() -> None:
+    server = server_container()
+    command = server["command"]
+    assert command[:2] == ["orch", "server"]
+    assert command[command.index("--auth") + 1] == "users"  # every request needs a user
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    for name in ("ORCH_DATA_ROOTS", "ORCH_STORAGE_ROOTS", "ORCH_ALLOWED_URL_SCHEMES"):
+        assert env.get(name), f"{name}: the team server names its roots explicitly"
+    assert all(root.startswith(("/", "s3://")) for root in
+               env["ORCH_DATA_ROOTS"].split(",") + env["ORCH_STORAGE_ROOTS"].split(","))
+    assert set(env["ORCH_ALLOWED_URL_SCHEMES"].split(",")) <= {"s3", "gs", "az"}
+    # Every directory root is made before the server starts (it refuses to start without).
+    [deployment] = by_kind("Deployment")
+    [init] = deployment["spec"]["template"]["spec"]["initContainers"]
+    dirs = [r for r in env["ORCH_DATA_ROOTS"].split(",") + env["ORCH_STORAGE_ROOTS"].split(",")
+            if r.startswith("/")]
+    assert init["command"][:2] == ["mkdir", "-p"] and set(dirs) <= set(init["command"][2:])
+    assert init["image"] == server["image"]
+
+
+def test_workers_reach_the_server_at_its_service_and_people_through_tls() -> None:
+    server = server_container()
+    port = int(server["command"][server["command"].index("--port") + 1])
+    [service] = by_kind("Service")
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    assert env["ORCH_ADVERTISED_URL"] == f"http://{service['metadata']['name']}:{port}"
+    [ingress] = by_kind("Ingress")
+    [tls] = ingress["spec"]["tls"]
+    assert tls["secretName"] and tls["hosts"]
+    for rule in ingress["spec"]["rules"]:
+        assert rule["host"] in tls["hosts"]  # no host served without TLS
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == service["metadata"]["name"]
+            assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
 def test_ray_versions_match_the_pinned_ray() -> None:
@@ -81,7 +171,7 @@ def test_every_pod_uses_one_image_with_ray_token_auth() -> None:
 
 def test_the_server_service_and_probe_reach_the_port_it_listens_on() -> None:
     [deployment] = by_kind("Deployment")
-    [server] = deployment["spec"]["template"]["spec"]["containers"]
+    server = server_container()
     command = server["command"]
     assert command[:2] == ["orch", "server"]
     port = int(command[command.index("--port") + 1])

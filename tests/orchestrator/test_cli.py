@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -51,3 +52,32 @@ def test_metrics_all_shows_superseded_values_with_their_attempt(api: TestClient,
         ["2", "1", "1.7"],
         ["3", "1", "*", "1.8"],
     ]
+
+
+HOSTILE = "[bold red]x[/]\x1b[2J\x1b]0;pwned\x07"
+
+
+def test_what_others_wrote_is_printed_as_text(api: TestClient, store: Store) -> None:
+    """An owner, a name, an error or a reason with rich markup and terminal escapes is
+    printed as written, minus the control characters: no style, no screen clearing."""
+    job = store.create_job(name=f"n{HOSTILE}", objective="mlm", owner=HOSTILE,
+                           spec=spec_dict(), spec_yaml="", gpus=0, cpus=1)
+    # The app's scheduler may have admitted it meanwhile: queued or pending, it can fail.
+    assert store.transition(job.id, "failed", f"reason {HOSTILE}",
+                            expected=["queued", "pending"], error=f"error {HOSTILE}")
+    for args in (["list"], ["status", str(job.id)]):
+        result = CliRunner().invoke(cli.cli, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\x07" not in result.output
+        assert "[bold red]x[/]" in result.output
+    assert "error [bold red]x[/][2J]0;pwned" in result.output  # the whole error, inert
+
+
+def test_an_error_with_markup_is_one_plain_line(tmp_path: Path) -> None:
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text('name: ok\nobjective: clm\nmodel: "[bold red]x[/]\\e[2J/a/b"\n'
+                         "dataset: {train_files: [/nowhere/t.jsonl]}\n")
+    result = CliRunner().invoke(cli.cli, ["validate", str(spec_file)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    assert "[bold red]x[/]" in result.stderr and "\x1b" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import JobSpec, SpecError, build_spec, load_spec, parse_override, parse_yaml
+from orchestrator.spec import (
+    JobSpec,
+    SpecError,
+    build_spec,
+    load_spec,
+    parse_override,
+    parse_yaml,
+    spec_from_dict,
+)
 
 BASE = {
     "name": "t5-test",
@@ -169,3 +178,124 @@ def test_checkpoint_storage_is_a_path_resolved_against_the_spec_or_a_url(tmp_pat
     assert url.checkpoints.storage == "s3://bucket/runs"  # not resolved as a relative path
     assert "checkpoints.storage: unknown URL scheme bogus://" in \
         problems_of(BASE, ("checkpoints.storage=bogus://bucket/runs",))
+
+
+# -- bounds: every field with a sane range has one, and the error names the bound ----------
+@pytest.mark.parametrize(("override", "expected"), [
+    ("training.max_steps=10000001", "training.max_steps: must be <= 10000000"),
+    ("training.max_length=1048577", "training.max_length: must be <= 1048576"),
+    ("training.batch_size=65537", "training.batch_size: must be <= 65536"),
+    ("training.eval_batch_size=0", "training.eval_batch_size: must be >= 1"),
+    ("training.gradient_accumulation_steps=100000", "training.gradient_accumulation_steps: must be <= 65536"),
+    ("training.warmup_steps=-1", "training.warmup_steps: must be >= 0"),
+    ("training.warmup_steps=20000000", "training.warmup_steps: must be <= 10000000"),
+    ("training.logging_steps=20000000", "training.logging_steps: must be <= 10000000"),
+    ("training.eval_steps=20000000", "training.eval_steps: must be <= 10000000"),
+    ("training.save_steps=20000000", "training.save_steps: must be <= 10000000"),
+    ("training.dataloader_workers=257", "training.dataloader_workers: must be <= 256"),
+    ("training.seed=-1", "training.seed: must be >= 0"),
+    ("training.seed=4294967296", "training.seed: must be <= 4294967295"),
+    ("training.learning_rate=11", "training.learning_rate: must be <= 10"),
+    ("training.epochs=1000000", "training.epochs: must be <= 100000"),
+    ("training.weight_decay=11", "training.weight_decay: must be <= 10"),
+    ("training.max_target_length=1048577", "training.max_target_length: must be <= 1048576"),
+    ("training.generation_max_length=0", "training.generation_max_length: must be >= 1"),
+    ("training.generation_num_beams=65", "training.generation_num_beams: must be <= 64"),
+    ("checkpoints.keep_last=1001", "checkpoints.keep_last: must be <= 1000"),
+    ("resources.gpus=4097", "resources.gpus: must be <= 4096"),
+    ("resources.cpus=4097", "resources.cpus: must be <= 4096"),
+    ("resources.workers=4097", "resources.workers: must be <= 4096"),
+    ("dataset.max_train_samples=1000000000001", "dataset.max_train_samples: must be <= 1000000000000"),
+    ("dataset.max_eval_samples=0", "dataset.max_eval_samples: must be >= 1"),
+    ("retries=101", "retries: must be <= 100"),
+    ("priority=2147483648", "priority: must be <= 2147483647"),
+    ("priority=-2147483649", "priority: must be >= -2147483648"),
+])
+def test_numbers_out_of_range_name_the_field_and_the_bound(override: str, expected: str) -> None:
+    message = problems_of(BASE, (override,))
+    assert expected in message and "\n" not in message
+
+
+def test_a_32_bit_priority_is_accepted() -> None:
+    assert build_spec(BASE, ["priority=2147483647"]).priority == 2**31 - 1
+    assert build_spec(BASE, ["priority=-2147483648"]).priority == -(2**31)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "Infinity", "NaN"])
+@pytest.mark.parametrize("field", ["training.learning_rate", "training.epochs",
+                                   "training.weight_decay", "dataset.eval_fraction"])
+def test_nan_and_infinity_are_refused_everywhere(field: str, value: str) -> None:
+    data = {**BASE, "dataset": {**BASE["dataset"], "eval_fraction": None}}
+    assert f"{field}: must be a finite number" in problems_of(data, (f"{field}={value}",))
+
+
+def test_python_floats_nan_and_infinity_are_refused_as_the_api_receives_them() -> None:
+    for value in (float("inf"), float("-inf"), float("nan")):
+        assert "training.learning_rate: must be a finite number" in problems_of(
+            {**BASE, "training": {"learning_rate": value}})
+
+
+def test_strings_and_lists_have_length_limits() -> None:
+    assert "name: at most 100 characters (got 101)" in problems_of({**BASE, "name": "a" * 101})
+    message = problems_of({**BASE, "model": "m" * 5000})
+    assert "model: at most 4096 characters (got 5000); shorten it" in message
+    assert "m" * 200 not in message  # the value is not echoed back
+    files = {**BASE["dataset"], "train_files": [f"/d/{i}.jsonl" for i in range(1001)]}
+    assert "dataset.train_files: at most 1000 entries (got 1001)" in problems_of(
+        {**BASE, "dataset": files})
+    assert "training.source_prefix: at most 4096 characters" in problems_of(
+        {**BASE, "training": {"source_prefix": "x" * 4097}})
+    long_value = problems_of(BASE, ("resources.gpus=" + "x" * 3000,))
+    assert len(long_value) < 300  # a bad value is quoted cut short
+
+
+BILLION_LAUGHS = """\
+name: lol
+objective: clm
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_yaml_aliases_are_refused_before_anything_expands() -> None:
+    """10^9 "lol"s in under 500 bytes: refused at the first alias, in well under a second."""
+    assert len(BILLION_LAUGHS.encode()) < 500
+    started = time.monotonic()
+    with pytest.raises(SpecError) as caught:
+        parse_yaml(BILLION_LAUGHS, "bomb.yaml")
+    assert time.monotonic() - started < 1.0
+    assert str(caught.value) == ("bomb.yaml: line 4: YAML aliases (*name) are not allowed in a "
+                                 "spec; write the value out where it is used")
+    # An anchor alone expands nothing: plain data, allowed.
+    assert parse_yaml("name: &n x\n")["name"] == "x"
+    with pytest.raises(SpecError, match=r"--set name: YAML aliases \(\*name\) are not allowed"):
+        parse_override("name=[*a]")
+
+
+def test_deeply_nested_or_huge_yaml_is_one_line() -> None:
+    with pytest.raises(SpecError, match="nested too deeply"):
+        parse_yaml("a: " + "[" * 800 + "]" * 800)
+    with pytest.raises(SpecError, match="a spec is at most 1048576"):
+        parse_yaml("a: " + "x" * 2**20)
+
+
+def test_a_nul_character_anywhere_is_refused_naming_where() -> None:
+    message = problems_of({**BASE, "model": "a\0b", "dataset": {
+        **BASE["dataset"], "train_files": ["/d/ok.jsonl", "/d/x\0.jsonl"]}})
+    assert "model: holds a NUL character" in message
+    assert "dataset.train_files.1: holds a NUL character" in message
+
+
+def test_deeply_nested_data_from_the_api_is_one_problem() -> None:
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(SpecError, match="nested too deeply"):
+        spec_from_dict({**BASE, "model": deep})  # what the server validates

@@ -171,3 +171,35 @@ def test_preflight_refuses_a_bucket_that_is_not_there(bucket: str) -> None:
     bad, _ = load_spec(JOBS / "gpt2_clm.yaml", ["checkpoints.storage=s3://not-a-bucket-of-ours/team"])
     [problem] = check_storage(bad)
     assert problem.startswith("checkpoints.storage: s3://not-a-bucket-of-ours does not exist")
+
+
+def test_a_link_at_or_under_a_job_directory_is_refused(tmp_path: Path) -> None:
+    job = tmp_path / "7"
+    fake_checkpoint(job / "checkpoints" / "checkpoint-2")
+    storage.refuse_links(job)  # no link: fine
+    storage.refuse_links(tmp_path / "not-made-yet")  # nothing there yet: fine
+    (job / "checkpoints" / "checkpoint-2" / "sub" / "x").symlink_to("/etc/passwd")
+    with pytest.raises(storage.LinkRefused, match="sub/x is a symbolic link inside the job"):
+        storage.refuse_links(job)
+    (job / "checkpoints" / "checkpoint-2" / "sub" / "x").unlink()
+    (job / "final").symlink_to(tmp_path, target_is_directory=True)  # a linked directory
+    with pytest.raises(storage.LinkRefused, match="final is a symbolic link"):
+        storage.refuse_links(job)
+    linked = tmp_path / "8"
+    linked.symlink_to(job)
+    with pytest.raises(storage.LinkRefused, match="the job directory .*/8 is a symbolic link"):
+        storage.refuse_links(linked)
+
+
+def test_the_trainer_checks_for_links_before_each_save(tmp_path: Path) -> None:
+    from transformers import TrainerControl
+
+    from workers.guards import NoLinks
+
+    guard = NoLinks(tmp_path)
+    (tmp_path / "checkpoints").symlink_to("/etc")
+    guard.on_step_end(None, None, TrainerControl(should_save=False))  # type: ignore[arg-type]
+    with pytest.raises(storage.LinkRefused):
+        guard.on_step_end(None, None, TrainerControl(should_save=True))  # type: ignore[arg-type]
+    with pytest.raises(storage.LinkRefused):  # before the final model is written
+        guard.on_train_end(None, None, TrainerControl())  # type: ignore[arg-type]
