@@ -245,6 +245,35 @@ def mlm_spec_dict(**training: Any) -> dict[str, Any]:
     }).to_dict()
 
 
+def as_local_user(client: Any) -> Any:
+    """A TestClient of `create_app()` (local mode) that sends the app's local token, as the
+    CLI sends the one in $ORCH_HOME/api_token: it acts as the OS user, an admin."""
+    client.headers["Authorization"] = f"Bearer {client.app.state.local_token}"
+    return client
+
+
+TEAM = {"root": {"role": "admin"}, "alice": {"gpu_cap": 1}, "bob": {"max_priority": 10}}
+
+
+@contextmanager
+def team_api(store: Any, gpus: int = 4) -> Iterator[tuple[Any, dict[str, dict[str, str]]]]:
+    """A team server in this process (the caller sets ORCH_AUTH=users) with the users of
+    TEAM, made in the store as `orch users add --database` makes them; yields a TestClient
+    without credentials and, per user, the headers that carry their token."""
+    from fastapi.testclient import TestClient
+
+    from orchestrator.cluster import Capacity
+    from orchestrator.server import ControlPlane, create_app
+
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=gpus, cpus=64, nodes=1),
+                         interval=3600)
+    assert plane.settings.auth == "users"
+    headers = {name: {"Authorization": f"Bearer {store.create_user(name, actor='op', **kw)[1].token}"}
+               for name, kw in TEAM.items()}
+    with TestClient(create_app(plane)) as client:
+        yield client, headers
+
+
 @contextmanager
 def served(app: Any) -> Iterator[str]:
     """Serve an ASGI app over real HTTP on 127.0.0.1 (a free port) from a thread of this
