@@ -300,6 +300,40 @@ def served(app: Any) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path, schema: str) -> Iterator[str]:
+    """The URL of a fresh, empty database: a SQLite file under `tmp_path`, or a new
+    PostgreSQL schema (dropped afterwards; unreachable PostgreSQL skips, and fails in CI)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/db/orch.db"
+        return
+    import os
+
+    import psycopg
+    import pytest
+    from sqlalchemy.engine import make_url
+
+    base = make_url(os.environ.get("ORCH_TEST_POSTGRES_URL",
+                                   "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unreachable: {exc} (a skipped PostgreSQL test in CI fails)")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    drop = f"DROP SCHEMA IF EXISTS {schema} CASCADE"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(drop)
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield base.set(drivername="postgresql+psycopg").update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(drop)
+
+
 def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
     """Poll `predicate` until it returns something truthy (returned); fail after `timeout`."""
     deadline = time.monotonic() + timeout
