@@ -11,7 +11,9 @@ file; a new PostgreSQL schema, dropped afterwards).
   resources, as real ones do) and jobs that also finish at once (one more transaction).
 - submit -> running: a `ControlPlane` + `create_app` served by uvicorn in a thread (real
   HTTP on 127.0.0.1, the app's own scheduler loop), jobs posted one at a time with the body
-  the CLI sends (`jobs/bert_mlm.yaml`), each sample taken while nothing else runs. Latency =
+  the CLI sends (`jobs/bert_mlm.yaml`), each sample taken while nothing else runs. Auth is
+  on as on a team server (`ORCH_AUTH=users`): every POST carries a user's token, which the
+  server looks up (by its hash) before it reads the body. Latency =
   the `at` of the job's pending -> running event minus the time just before the POST (one
   process, one clock). The first few submissions are warm-up and not counted.
 
@@ -52,6 +54,7 @@ from orchestrator.cluster import Capacity  # noqa: E402
 from orchestrator.noop import NoopExecutor  # noqa: E402
 from orchestrator.scheduler import Scheduler  # noqa: E402
 from orchestrator.server import ControlPlane, create_app  # noqa: E402
+from orchestrator.settings import get_settings  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.states import JobState  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
@@ -94,6 +97,7 @@ def admissions_per_second(url: str, jobs: int, finish: bool) -> tuple[float, flo
     """(admissions/s, this process's CPU ms per admission, ticks) for `jobs` queued jobs."""
     spec, text = load_spec(SPEC, ())
     with Store(url) as store:
+        store.create_user("bench", actor="bench")  # the jobs' owner, as on a team server
         for _ in range(jobs):
             store.create_job(name=spec.name, objective=spec.objective.value, owner="bench",
                              spec=spec.to_dict(), spec_yaml=text, gpus=spec.resources.gpus,
@@ -165,15 +169,19 @@ def submit_latency(url: str, samples: int, warmup: int) -> dict[str, float]:
     spec, text = load_spec(SPEC, ())
     body = {"spec": spec.to_dict(), "spec_yaml": text}
     store = Store(url)
-    plane = ControlPlane(store, NoopExecutor(store), PLENTY, interval=0.5)
+    _, issued = store.create_user("bench", actor="bench")
+    team = get_settings().model_copy(update={"auth": "users"})
+    plane = ControlPlane(store, NoopExecutor(store), PLENTY, interval=0.5, settings=team)
     latencies, posts = [], []
     cold_ms = 0.0
+    auth = {"Authorization": f"Bearer {issued.token}"}
     try:
-        with served(plane) as base, httpx.Client(base_url=base, timeout=60) as client:
+        with served(plane) as base, httpx.Client(base_url=base, timeout=60,
+                                                 headers=auth) as client:
             for i in range(warmup + samples):
                 before = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
-                response = client.post("/jobs", json=body, headers={"X-Orch-User": "bench"})
+                response = client.post("/jobs", json=body)
                 post_ms = (time.perf_counter() - t0) * 1000
                 response.raise_for_status()
                 ms = (_running_at(store, response.json()["id"]) - before).total_seconds() * 1000

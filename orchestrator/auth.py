@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
 
 from orchestrator.errors import Forbidden, OrchError, Unauthorized
 from orchestrator.models import Attempt, Job, utcnow
@@ -99,17 +100,17 @@ def bearer_token(authorization: str | None) -> str | None:
     return token
 
 
-def plane_of(request: Request) -> ControlPlane:
+def plane_of(request: HTTPConnection) -> ControlPlane:
     return request.app.state.plane  # type: ignore[no-any-return]
 
 
-def local_user(request: Request) -> User:
+def local_user(request: HTTPConnection) -> User:
     """The holder of the local server's token: the OS user who runs the server."""
     return User(name=getattr(request.app.state, "local_user", None) or getpass.getuser(),
                 role="admin")
 
 
-def authenticate(request: Request, token: str | None) -> User:
+def authenticate(request: HTTPConnection, token: str | None) -> User:
     """The user a token belongs to; Unauthorized when there is none or it is not valid
     (Forbidden for a worker's attempt token, which is no key to the people's API)."""
     mode = plane_of(request).settings.auth
@@ -152,12 +153,13 @@ def user_for_token(plane: ControlPlane, token: str) -> User:
                 max_priority=account.max_priority)
 
 
-def user_from_request(request: Request) -> User:
+def user_from_request(request: HTTPConnection) -> User:
     """The person calling: a bearer token, or the dashboard's cookie (then a request that
-    changes something must carry the CSRF header too)."""
+    changes something must carry the CSRF header too; a WebSocket counts as a read, its
+    SameSite=Strict cookie is not sent from other sites)."""
     token = bearer_token(request.headers.get("authorization"))
     if token is None and (cookie := request.cookies.get(TOKEN_COOKIE)):
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
+        if getattr(request, "method", "GET") not in ("GET", "HEAD", "OPTIONS"):
             sent, expected = request.headers.get(CSRF_HEADER), request.cookies.get(CSRF_COOKIE)
             if not (sent and expected and same_token(sent, expected)):
                 raise Forbidden(f"missing or wrong {CSRF_HEADER} header (cross-site request?)")
@@ -176,9 +178,11 @@ def worker_from_request(request: Request) -> Worker:
     return Worker(job=found[0], attempt=found[1])
 
 
-def current_user(request: Request, authorization: str | None = Header(default=None)) -> User:
-    """The person calling (a FastAPI dependency). AuthGate has already checked the request;
-    this hands over what it found (or checks it here, for an app without the gate)."""
+def current_user(request: HTTPConnection,
+                 authorization: str | None = Header(default=None)) -> User:
+    """The person calling (a FastAPI dependency, for HTTP routes and WebSockets). AuthGate
+    has already checked the request; this hands over what it found (or checks it here, for
+    a path opened with `open_to_all`, or an app without the gate)."""
     found = request.scope.get("state", {}).get(_USER_KEY)
     return found if isinstance(found, User) else user_from_request(request)
 
@@ -238,6 +242,14 @@ class AuthGate:
         self.body_limits = body_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and not _is_open(scope):
+            try:
+                user = await run_in_threadpool(user_from_request, HTTPConnection(scope))
+            except OrchError:
+                # Closing before accepting refuses the handshake (the client sees a 403).
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            scope.setdefault("state", {})[_USER_KEY] = user
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -15,11 +15,20 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fastapi import Depends, WebSocket
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from orchestrator import cli
-from orchestrator.auth import CSRF_COOKIE, CSRF_HEADER, MAX_BODY, TOKEN_COOKIE
+from orchestrator.auth import (
+    CSRF_COOKIE,
+    CSRF_HEADER,
+    MAX_BODY,
+    TOKEN_COOKIE,
+    User,
+    current_user,
+)
 from orchestrator.cluster import Capacity
 from orchestrator.errors import SettingsError
 from orchestrator.local_token import LocalTokenRefused, ensure_local_token, read_local_token
@@ -145,6 +154,22 @@ def test_the_dashboard_cookie_and_its_csrf_check(team: tuple[TestClient, Headers
         assert client.post("/jobs/1/cancel", headers={CSRF_HEADER: "c" * 32}).status_code == 404
     finally:
         client.cookies.clear()
+
+
+def test_a_websocket_needs_a_token_too(team: tuple[TestClient, Headers]) -> None:
+    client, headers = team
+
+    async def probe(websocket: WebSocket, user: User = Depends(current_user)) -> None:
+        await websocket.accept()
+        await websocket.send_text(user.name)
+        await websocket.close()
+
+    client.app.add_api_websocket_route("/probe", probe)  # type: ignore[attr-defined]
+    with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/probe"):
+        pass
+    assert refused.value.code == 1008
+    with client.websocket_connect("/probe", headers=headers["bob"]) as socket_:
+        assert socket_.receive_text() == "bob"
 
 
 def test_local_mode_takes_only_the_local_token(store: Store) -> None:
