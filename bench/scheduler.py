@@ -15,7 +15,9 @@ file; a new PostgreSQL schema, dropped afterwards).
   (pending -> running, one more transaction per job, as a real worker does).
 - submit -> running: a `ControlPlane` + `create_app` served by uvicorn in a thread (real
   HTTP on 127.0.0.1, the app's own scheduler loop), jobs posted one at a time with the body
-  the CLI sends (`jobs/bert_mlm.yaml`), each sample taken while nothing else runs. Latency =
+  the CLI sends (`jobs/bert_mlm.yaml`), each sample taken while nothing else runs. Auth is
+  on as on a team server (`ORCH_AUTH=users`): every POST carries a user's token, which the
+  server looks up (by its hash) before it reads the body. Latency =
   the `at` of the job's pending -> running event minus the time just before the POST (one
   process, one clock). The first few submissions are warm-up and not counted.
 
@@ -56,6 +58,7 @@ from orchestrator.models import Job, JobEvent, utcnow  # noqa: E402
 from orchestrator.noop import NoopExecutor  # noqa: E402
 from orchestrator.scheduler import Scheduler  # noqa: E402
 from orchestrator.server import ControlPlane, create_app  # noqa: E402
+from orchestrator.settings import get_settings  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from orchestrator.states import JobState  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
@@ -199,15 +202,19 @@ def submit_latency(url: str, samples: int, warmup: int) -> dict[str, float]:
     spec, text = load_spec(SPEC, ())
     body = {"spec": spec.to_dict(), "spec_yaml": text}
     store = Store(url)
-    plane = ControlPlane(store, NoopExecutor(store), PLENTY, interval=0.5)
+    _, issued = store.create_user("bench", actor="bench")
+    team = get_settings().model_copy(update={"auth": "users"})
+    plane = ControlPlane(store, NoopExecutor(store), PLENTY, interval=0.5, settings=team)
     latencies, posts = [], []
     cold_ms = 0.0
+    auth = {"Authorization": f"Bearer {issued.token}"}
     try:
-        with served(plane) as base, httpx.Client(base_url=base, timeout=60) as client:
+        with served(plane) as base, httpx.Client(base_url=base, timeout=60,
+                                                 headers=auth) as client:
             for i in range(warmup + samples):
                 before = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
-                response = client.post("/jobs", json=body, headers={"X-Orch-User": "bench"})
+                response = client.post("/jobs", json=body)
                 post_ms = (time.perf_counter() - t0) * 1000
                 response.raise_for_status()
                 ms = (_running_at(store, response.json()["id"]) - before).total_seconds() * 1000

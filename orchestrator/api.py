@@ -15,11 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.states import AttemptOutcome, CheckpointKind, JobState
 
 if TYPE_CHECKING:  # the tables; not imported at run time, so clients stay light
-    from orchestrator.models import Attempt, Checkpoint, Job, JobEvent, Metric
+    from orchestrator.models import (
+        Attempt,
+        AuditEvent,
+        Checkpoint,
+        Job,
+        JobEvent,
+        Metric,
+        UserAccount,
+        UserToken,
+    )
 
 # Bounds on what a client may send (the body itself is capped by the server too).
 MAX_TEXT = 4096
 MAX_LIST = 1000
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+MAX_TOKEN_DAYS = 3650
 
 
 class _Model(BaseModel):
@@ -165,6 +176,95 @@ class ClusterInfo(_Model):
 class ErrorBody(_Model):
     detail: str
     problems: list[str] | None = None
+
+
+# -- users and their tokens (a team server; admins only, but for whoami) -------------
+class UserCreate(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    role: Literal["admin", "user"] = "user"
+    gpu_cap: int | None = Field(default=None, ge=0, le=INT32_MAX)  # None: the server's default
+    max_priority: int | None = Field(default=None, ge=INT32_MIN, le=INT32_MAX)
+    token_name: str | None = Field(default=None, min_length=1, max_length=64)
+    expires_in_days: int | None = Field(default=None, ge=1, le=MAX_TOKEN_DAYS)  # None: never
+
+
+class TokenCreate(_Request):
+    name: str | None = Field(default=None, min_length=1, max_length=64)  # None: token-<n>
+    expires_in_days: int | None = Field(default=None, ge=1, le=MAX_TOKEN_DAYS)
+
+
+class TokenRevoke(_Request):
+    token: str | None = Field(default=None, min_length=1, max_length=64)  # None: all of them
+
+
+class TokenView(_Model):
+    """A token's facts; never the token, which only its creation shows."""
+
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    @classmethod
+    def of(cls, token: UserToken) -> TokenView:
+        return cls.model_validate(token, from_attributes=True)
+
+
+class UserView(_Model):
+    name: str
+    role: Literal["admin", "user"]
+    gpu_cap: int | None  # None: the server's default
+    max_priority: int | None
+    created_at: datetime
+    disabled_at: datetime | None
+    tokens: list[TokenView]
+
+    @classmethod
+    def of(cls, account: UserAccount, tokens: list[UserToken]) -> UserView:
+        return cls(name=account.name, role=account.role.value, gpu_cap=account.gpu_cap,
+                   max_priority=account.max_priority, created_at=account.created_at,
+                   disabled_at=account.disabled_at, tokens=[TokenView.of(t) for t in tokens])
+
+
+class IssuedToken(_Model):
+    """A new token: `token` is shown this once (the server keeps only its hash)."""
+
+    user: str
+    name: str
+    token: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class UserCreated(_Model):
+    user: UserView
+    token: IssuedToken
+
+
+class RevokeResponse(_Model):
+    user: str
+    revoked: list[str]  # the names of the tokens revoked
+
+
+class WhoAmI(_Model):
+    name: str
+    role: Literal["admin", "user"]
+    auth: Literal["local", "users"]  # the server's mode
+    gpu_cap: int | None  # in effect: the user's own, else the server's default (None: no cap)
+    max_priority: int
+
+
+class AuditView(_Model):
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: AuditEvent) -> AuditView:
+        return cls(at=event.at, actor=event.actor, action=event.action, target=event.target,
+                   details=event.details or {})
 
 
 # -- workers reporting on their attempt (authenticated by the attempt's token) -----------

@@ -28,8 +28,10 @@ from orchestrator.api import (
     JobSummary,
     LogsResponse,
     MetricsResponse,
+    WhoAmI,
 )
 from orchestrator.client import Client, dump
+from orchestrator.commands.users import users
 from orchestrator.errors import OrchError
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.states import AttemptOutcome
@@ -341,6 +343,24 @@ def resume(job_id: int, wait: bool) -> None:
         sys.exit(0 if final.state == "succeeded" else 1)
 
 
+# -- who ------------------------------------------------------------------------------------
+cli.add_command(users)
+
+
+@cli.command()
+@output_option
+@friendly_errors
+def whoami(output: str) -> None:
+    """Who the server takes you for (your token's user), and your limits."""
+    client = Client()
+    me = client.get_as(WhoAmI, "/whoami")
+    if output == "json":
+        return print_json(me)
+    cap = "no GPU cap" if me.gpu_cap is None else f"GPU cap {me.gpu_cap}"
+    click.echo(f"{me.name} ({me.role}) on {client.url} (auth {me.auth}); {cap}, max "
+               f"priority {me.max_priority}")
+
+
 # -- lifecycle ------------------------------------------------------------------------------
 @cli.command()
 @click.option("--num-gpus", type=int, help="GPUs the local Ray cluster declares (default: detected)")
@@ -377,14 +397,24 @@ def down(keep_ray: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="a non-loopback address needs --auth users")
 @click.option("--port", default=None, type=int, help="default: $ORCH_SERVER_PORT or 8770")
+@click.option("--auth", type=click.Choice(["local", "users"]), default=None,
+              help="local: only the token in $ORCH_HOME/api_token (one person); users: a team "
+                   "server, every request needs a user's token; default $ORCH_AUTH or local")
 @friendly_errors
-def server(host: str, port: int | None) -> None:
+def server(host: str, port: int | None, auth: str | None) -> None:
     """Run the control plane in the foreground (the CLI starts one on demand)."""
+    import os
+
     from orchestrator.client import local_port
     from orchestrator.server import serve
 
+    if auth:
+        # The flag is the setting: everything that reads the settings (the spec's allowed
+        # roots too, whose defaults depend on the mode) must see this mode, not the variable's.
+        os.environ.update(ORCH_AUTH=auth)
     serve(host, port or local_port())
 
 

@@ -1,14 +1,17 @@
 """HTTP client of the control plane, and the local control plane's lifecycle.
 
-`ORCH_SERVER_URL` set: a team's server (with `ORCH_API_TOKEN` if it needs one).
+`ORCH_SERVER_URL` set: a team's server, with the user's token in `ORCH_API_TOKEN`.
 Otherwise the CLI uses a local server on 127.0.0.1:`ORCH_SERVER_PORT` (8770), starting it
-detached when none answers, as SkyPilot's CLI does with its API server.
+detached when none answers, as SkyPilot's CLI does with its API server, and sends the token
+that server keeps in `$ORCH_HOME/api_token` (only to that loopback address, never to a
+remote server). `ORCH_API_TOKEN`, when set, is sent instead.
+
+Who the caller is comes from the token alone: nothing else the CLI sends names a user.
 """
 
 from __future__ import annotations
 
 import fcntl
-import getpass
 import os
 import signal
 import subprocess
@@ -30,6 +33,7 @@ from orchestrator.errors import (
     SpecError,
     Unauthorized,
 )
+from orchestrator.local_token import read_local_token
 from orchestrator.settings import get_settings
 
 T = TypeVar("T")
@@ -152,25 +156,32 @@ class Client:
     """The control plane's API, for the CLI: typed answers (orchestrator.api), and an
     OrchError with the server's one-line reason when it refuses."""
 
-    def __init__(self, url: str | None = None, token: str | None = None,
-                 user: str | None = None) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None) -> None:
         settings = get_settings()
         configured = settings.server_url
         self.url = (url or configured or "").rstrip("/")
         self._managed = not (url or configured)
         self.token = token or settings.api_token
-        self.user = user or settings.user or getpass.getuser()
 
     def _base(self) -> str:
         if not self.url:
             self.url = start_local_server() if self._managed else local_url()
         return self.url
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        headers = {"X-Orch-User": self.user}
+    def _token(self, base: str) -> str | None:
+        """ORCH_API_TOKEN; else, for this machine's local server only, the token it keeps
+        in $ORCH_HOME/api_token (read each time: the server makes it when it starts)."""
         if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+            return self.token
+        if base == local_url():
+            return read_local_token(get_settings().home_dir())
+        return None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
         base = self._base()
+        headers = {}
+        if token := self._token(base):
+            headers["Authorization"] = f"Bearer {token}"
         try:
             response = http().request(method, f"{base}{path}", headers=headers, **kwargs)
         except httpx.HTTPError as exc:
@@ -184,6 +195,8 @@ class Client:
             detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
             if problems and response.status_code == 422:
                 raise SpecError(problems)
+            if response.status_code == 401 and not self._token(base):
+                detail = f"{detail} (set ORCH_API_TOKEN to your token for {base})"
             raise _BY_STATUS.get(response.status_code, OrchError)(str(detail))
         return response.json()
 

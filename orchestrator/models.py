@@ -209,3 +209,63 @@ class WorkerRequest(SQLModel, table=True):
     attempt_id: int = Field(foreign_key="attempts.id", ondelete="CASCADE")
     key: str = Field(sa_type=sa.String(64))
     at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# -- people: accounts, their tokens, and the audit trail of changes to them -----------------
+class UserRole(str, Enum):
+    ADMIN = "admin"  # manages users and tokens; may cancel and resume anyone's jobs
+    USER = "user"  # submits jobs; cancels and resumes their own
+
+
+class UserAccount(SQLModel, table=True):
+    """A person of a team server (`orch server --auth users`)."""
+
+    __tablename__ = "users"
+    __table_args__ = (sa.UniqueConstraint("name", name="uq_users_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_type=sa.String(64))
+    role: UserRole = Field(sa_type=EnumText(UserRole))
+    # None: the server's default (ORCH_USER_GPU_CAP, ORCH_MAX_PRIORITY).
+    gpu_cap: int | None = None
+    max_priority: int | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    # Set once: a disabled user's tokens are all refused (and revoked).
+    disabled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class UserToken(SQLModel, table=True):
+    """One of a user's API tokens. Only its sha256 is kept; the token itself is shown once,
+    when it is made."""
+
+    __tablename__ = "user_tokens"
+    __table_args__ = (
+        sa.UniqueConstraint("token_hash", name="uq_user_tokens_hash"),
+        # A name picks one live token (`orch users revoke alice/laptop`); a revoked token's
+        # name may be used again.
+        sa.Index("uq_user_tokens_live_name", "user_id", "name", unique=True,
+                 sqlite_where=sa.text("revoked_at IS NULL"),
+                 postgresql_where=sa.text("revoked_at IS NULL")),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", ondelete="CASCADE", index=True)
+    name: str = Field(sa_type=sa.String(64))
+    token_hash: str = Field(sa_type=sa.String(64))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who changed which account or token, and when (job actions are recorded in the job's
+    own events, with `details.user`)."""
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    actor: str  # the user who acted; "<os user> (--database)" for `orch users add --database`
+    action: str  # user.create | user.disable | token.issue | token.revoke
+    target: str  # the user acted on
+    details: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)

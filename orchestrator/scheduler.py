@@ -9,7 +9,9 @@ is never skipped for lack of capacity: if it does not fit yet, nothing behind it
 admitted either, so a large job cannot be starved by a stream of small ones (a
 reservation for the head; backfill would trade that guarantee for utilisation). The one
 exception is the per-user GPU cap: a job held back by its owner's own usage does not
-block other users' jobs, it waits for its owner's jobs to finish.
+block other users' jobs, it waits for its owner's jobs to finish. The cap is the owner's own
+(`orch users add --gpu-cap`), else the server's default (`ORCH_USER_GPU_CAP`); the owner is
+the authenticated user who submitted the job, so a cap cannot be dodged by another name.
 
 Failures: a Ray Job that ended while the store still says pending/running is an
 infrastructure failure (the worker records errors in the job itself before its Ray Job
@@ -80,17 +82,21 @@ class Scheduler:
             after = (page[-1].priority, page[-1].id)
             size = min(size * 4, QUEUE_PAGE)
 
-    def never_fits(self, gpus: int, cpus: int) -> str | None:
-        """Why a job of this size can never run on this cluster, or None."""
+    def never_fits(self, gpus: int, cpus: int, *, owner: str | None = None,
+                   gpu_cap: int | None = None) -> str | None:
+        """Why a job of this size can never run on this cluster, or None. `gpu_cap`: the
+        owner's own cap (default: the server's per-user cap)."""
+        cap = gpu_cap if gpu_cap is not None else self.user_gpu_cap
         if gpus > self.capacity.gpus:
             return (
                 f"resources.gpus: the job asks for {gpus} GPUs but the whole cluster has "
                 f"{self.capacity.gpus}; lower resources.gpus or add GPU nodes"
             )
-        if self.user_gpu_cap is not None and gpus > self.user_gpu_cap:
+        if cap is not None and gpus > cap:
+            who = f"{owner} may" if owner else "each user may"
             return (
-                f"resources.gpus: the job asks for {gpus} GPUs but each user may hold at most "
-                f"{self.user_gpu_cap} at once; lower resources.gpus"
+                f"resources.gpus: the job asks for {gpus} GPUs but {who} hold at most "
+                f"{cap} at once; lower resources.gpus"
             )
         if cpus > self.capacity.cpus:
             return (
@@ -125,15 +131,23 @@ class Scheduler:
     def _owner_gpus(self) -> Counter[str]:
         return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
 
-    def _capped(self, job: Job | QueuedJob, held: Counter[str]) -> bool:
-        return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
+    def _caps(self) -> dict[str, int]:
+        """owner -> their own GPU cap, for owners who have one (one query per tick)."""
+        return self.store.gpu_caps()
+
+    def _cap_of(self, owner: str, caps: dict[str, int]) -> int | None:
+        return caps.get(owner, self.user_gpu_cap)
+
+    def _capped(self, job: Job | QueuedJob, held: Counter[str], caps: dict[str, int]) -> bool:
+        cap = self._cap_of(job.owner, caps)
+        return cap is not None and held[job.owner] + job.gpus > cap
 
     def wait_reason(self, job: Job) -> str:
         """Why a queued job is still waiting, in words for `orch status`."""
-        held = self._owner_gpus()
-        if self._capped(job, held):
+        held, caps = self._owner_gpus(), self._caps()
+        if self._capped(job, held, caps):
             return (f"waiting for {job.owner}'s other jobs: they hold {held[job.owner]} GPUs "
-                    f"and the per-user cap is {self.user_gpu_cap}")
+                    f"and the per-user cap is {self._cap_of(job.owner, caps)}")
         if self.unreachable_since is not None:
             down = time.monotonic() - self.unreachable_since
             return f"waiting for the Ray cluster, unreachable for {down:.0f}s"
@@ -141,7 +155,7 @@ class Scheduler:
         for queued in self.queue():
             if queued.id == job.id:
                 break
-            ahead += 0 if self._capped(queued, held) else 1
+            ahead += 0 if self._capped(queued, held, caps) else 1
         free = self.free()
         parts = []
         if job.gpus > free.gpus:
@@ -163,10 +177,10 @@ class Scheduler:
         """Claim every job that fits this tick in one transaction (compare-and-set: a job
         someone cancelled meanwhile is left out), then hand each to Ray."""
         free = self.free()
-        held = self._owner_gpus()
+        held, caps = self._owner_gpus(), self._caps()
         chosen: list[QueuedJob] = []
         for job in self.queue():
-            if self._capped(job, held):
+            if self._capped(job, held, caps):
                 continue  # waits for its owner's own jobs; does not hold up anyone else
             if job.gpus > free.gpus or job.cpus > free.cpus:
                 break  # the head waits, and so does everything behind it

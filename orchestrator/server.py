@@ -11,6 +11,8 @@ a 500 that says only that.
 
 from __future__ import annotations
 
+import getpass
+import ipaddress
 import logging
 import threading
 import time
@@ -22,15 +24,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from orchestrator import cluster
+from orchestrator.auth import AuthGate, open_to_all
 from orchestrator.cluster import Capacity
-from orchestrator.errors import OrchError, ProblemsError
+from orchestrator.errors import OrchError, ProblemsError, SettingsError
 from orchestrator.executor import Executor, RayJobsExecutor
+from orchestrator.local_token import ensure_local_token
 from orchestrator.preflight import warm_up
-from orchestrator.routes import jobs, worker
+from orchestrator.routes import jobs, users, worker
 from orchestrator.sandbox import prepare_server
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import Store
+from orchestrator.tokens import LOCAL_PREFIX, new_token
 
 log = logging.getLogger("orch.server")
 
@@ -88,8 +93,8 @@ def default_control_plane(settings: Settings | None = None,
     if settings.executor == "noop":
         from orchestrator.noop import NoopExecutor, noop_capacity
 
-        return ControlPlane(store, NoopExecutor(store), noop_capacity(settings),
-                            settings=settings)
+        return ControlPlane(store, NoopExecutor(store, finish=settings.noop_finish),
+                            noop_capacity(settings), settings=settings)
     tgt = cluster.target()
     if tgt.local:
         cluster.start_local()
@@ -107,10 +112,18 @@ def _error_body(exc: OrchError) -> dict[str, object]:
     return body
 
 
-def create_app(plane: ControlPlane | None = None, server_url: str | None = None) -> FastAPI:
+def create_app(plane: ControlPlane | None = None, server_url: str | None = None, *,
+               local_token: str | None = None) -> FastAPI:
+    """The API. Authentication follows the plane's `settings.auth`; in `local` mode the one
+    token accepted is `local_token` (`orch server` passes the one in `$ORCH_HOME/api_token`;
+    without it a random one, readable as `app.state.local_token`, e.g. by tests)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.plane = plane or default_control_plane(server_url=server_url)
+        if app.state.plane.settings.auth == "users" and app.state.plane.store.count_users() == 0:
+            log.warning("no users yet: make the first admin on this host with "
+                        "`orch users add NAME --admin --database`")
         app.state.plane.start()
         # The first submit should not pay for importing transformers.
         threading.Thread(target=warm_up, name="orch-warm-up", daemon=True).start()
@@ -118,12 +131,20 @@ def create_app(plane: ControlPlane | None = None, server_url: str | None = None)
         app.state.plane.stop()
 
     app = FastAPI(title="orch", lifespan=lifespan)
+    app.state.local_token = local_token or new_token(LOCAL_PREFIX)
+    app.state.local_user = getpass.getuser()
+    # Every request is authenticated here, before its body is read; a worker's log chunk
+    # has its own bound (the route checks it too).
+    app.add_middleware(AuthGate, body_limits={"/worker/logs": worker.MAX_LOG_CHUNK})
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    open_to_all(app, "/health")  # liveness probes carry no token
+
     app.include_router(jobs.router)
+    app.include_router(users.router)
     app.include_router(worker.router)
 
     @app.exception_handler(OrchError)
@@ -152,14 +173,36 @@ def create_app(plane: ControlPlane | None = None, server_url: str | None = None)
     return app
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_start(host: str, settings: Settings) -> None:
+    """Refuse, in one line, to start a server others could drive without a user's token."""
+    if settings.auth != "users" and not is_loopback(host):
+        raise SettingsError([
+            f"--host {host}: a server other machines can reach must know who is calling; "
+            "run it with --auth users (every request needs a user's token, see `orch users`) "
+            "or listen on --host 127.0.0.1"])
+
+
 def serve(host: str, port: int) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
+    check_start(host, settings)
     prepare_server(settings)  # umask 077, a private $ORCH_HOME, the roots checked
+    local_token = ensure_local_token(settings.home_dir()) if settings.auth == "local" else None
     # Workers on this machine reach a loopback or all-interfaces server at 127.0.0.1.
     local = f"http://127.0.0.1:{port}" if host in ("127.0.0.1", "0.0.0.0", "localhost") else None
     server_url = settings.advertised_url or local or f"http://{host}:{port}"
-    uvicorn.run(create_app(server_url=server_url), host=host, port=port, log_level="warning")
+    log.info("orch server on %s:%s, auth %s", host, port, settings.auth)
+    uvicorn.run(create_app(server_url=server_url, local_token=local_token), host=host,
+                port=port, log_level="warning")

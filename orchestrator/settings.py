@@ -51,12 +51,9 @@ class Settings(BaseSettings):
         None, json_schema_extra=_used_by("CLI"),
         description="a team's orch server; unset: a local server the CLI starts on demand")
     api_token: str | None = Field(
-        None, json_schema_extra=_used_by("both"),
-        description="on the server: require `Authorization: Bearer <token>`; on the CLI: "
-                    "send it")
-    user: str | None = Field(
         None, json_schema_extra=_used_by("CLI"),
-        description="the owner name the CLI submits as; default the OS user")
+        description="the token the CLI sends (`Authorization: Bearer`): a user's token for a "
+                    "team server; unset: the local server's, read from `$ORCH_HOME/api_token`")
 
     # -- the local cluster and server -------------------------------------------------------
     server_port: int = Field(8770, ge=1, le=65535, json_schema_extra=_used_by("both"),
@@ -85,8 +82,10 @@ class Settings(BaseSettings):
     # -- the control plane's policy ---------------------------------------------------------
     auth: Literal["local", "users"] = Field(
         "local", json_schema_extra=_used_by("server"),
-        description="`local`: one person, the token in `$ORCH_HOME/api_token`; `users`: a "
-                    "team server, every request needs a user's token (`orch server --auth`)")
+        description="`local`: one person (the OS user, as admin); every request needs the "
+                    "token the server keeps in `$ORCH_HOME/api_token` (0600), and it listens "
+                    "on loopback only; `users`: a team server, every request needs a user's "
+                    "token (`orch users`); `orch server --auth` sets it")
     executor: Literal["ray", "noop"] = Field(
         "ray", json_schema_extra=_used_by("server"),
         description="`ray`, or `noop` to measure the control plane alone (jobs succeed at "
@@ -99,7 +98,14 @@ class Settings(BaseSettings):
                                                   "running jobs are retried or failed")
     user_gpu_cap: int | None = Field(None, ge=0, json_schema_extra=_used_by("server"),
                                      description="most GPUs one user's jobs may hold at once "
-                                                 "(more waits); unset: no cap")
+                                                 "(more waits; a bigger job is refused); a "
+                                                 "user's own cap (`orch users add --gpu-cap`) "
+                                                 "overrides it; unset: no cap")
+    max_priority: int = Field(100, ge=-(2**31), le=2**31 - 1,
+                              json_schema_extra=_used_by("server"),
+                              description="highest `priority` a job may ask for (a higher one "
+                                          "is refused at submit); a user's own limit (`orch "
+                                          "users add --max-priority`) overrides it")
     noop_gpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
                            description="GPUs the `noop` executor pretends to have")
     noop_cpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
@@ -126,6 +132,10 @@ class Settings(BaseSettings):
         True, json_schema_extra=_used_by("server"),
         description="`false` refuses hub ids (`org/model`, hub dataset names): for a server "
                     "with no way to the hub")
+    noop_finish: bool = Field(True, json_schema_extra=_used_by("server"),
+                              description="`false`: `noop` jobs keep running (holding their "
+                                          "GPUs) until cancelled, to exercise caps and "
+                                          "cancellation")
     advertised_url: str | None = Field(
         None, json_schema_extra=_used_by("server"),
         description="the URL Ray workers reach this server at, to report on their attempt; "

@@ -1,8 +1,9 @@
 """Bearer tokens: made here, shown once, stored only as a hash, compared in constant time.
 
 A token is 32 random bytes (256 bits) from the operating system's CSPRNG, URL-safe base64,
-behind a short prefix that says what it is for (`orch_w_` a worker's attempt token), so a
-token pasted in the wrong place is recognisable. With that much entropy a plain SHA-256 is
+behind a short prefix that says what it is for, so a token pasted in the wrong place is
+recognisable: `orch_u_` a user's API token (team server), `orch_l_` the local server's token
+(`$ORCH_HOME/api_token`), `orch_w_` a worker's attempt token. With that much entropy a plain SHA-256 is
 the right hash (a slow password hash protects low-entropy secrets; these are not): lookups
 by hash stay one indexed query.
 """
@@ -13,6 +14,8 @@ import hashlib
 import hmac
 import secrets
 
+USER_PREFIX = "orch_u_"
+LOCAL_PREFIX = "orch_l_"
 WORKER_PREFIX = "orch_w_"
 
 

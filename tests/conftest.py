@@ -41,7 +41,6 @@ def orch_env(tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]) -
         ORCH_RAY_AGENT_PORT=str(52375 + offset),
         ORCH_SCHEDULER_INTERVAL="0.3",
         ORCH_CLUSTER_LOSS_GRACE="8",
-        ORCH_USER="tester",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONUNBUFFERED="1",

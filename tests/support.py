@@ -245,6 +245,35 @@ def mlm_spec_dict(**training: Any) -> dict[str, Any]:
     }).to_dict()
 
 
+def as_local_user(client: Any) -> Any:
+    """A TestClient of `create_app()` (local mode) that sends the app's local token, as the
+    CLI sends the one in $ORCH_HOME/api_token: it acts as the OS user, an admin."""
+    client.headers["Authorization"] = f"Bearer {client.app.state.local_token}"
+    return client
+
+
+TEAM = {"root": {"role": "admin"}, "alice": {"gpu_cap": 1}, "bob": {"max_priority": 10}}
+
+
+@contextmanager
+def team_api(store: Any, gpus: int = 4) -> Iterator[tuple[Any, dict[str, dict[str, str]]]]:
+    """A team server in this process (the caller sets ORCH_AUTH=users) with the users of
+    TEAM, made in the store as `orch users add --database` makes them; yields a TestClient
+    without credentials and, per user, the headers that carry their token."""
+    from fastapi.testclient import TestClient
+
+    from orchestrator.cluster import Capacity
+    from orchestrator.server import ControlPlane, create_app
+
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=gpus, cpus=64, nodes=1),
+                         interval=3600)
+    assert plane.settings.auth == "users"
+    headers = {name: {"Authorization": f"Bearer {store.create_user(name, actor='op', **kw)[1].token}"}
+               for name, kw in TEAM.items()}
+    with TestClient(create_app(plane)) as client:
+        yield client, headers
+
+
 @contextmanager
 def served(app: Any) -> Iterator[str]:
     """Serve an ASGI app over real HTTP on 127.0.0.1 (a free port) from a thread of this
@@ -271,6 +300,40 @@ def served(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path, schema: str) -> Iterator[str]:
+    """The URL of a fresh, empty database: a SQLite file under `tmp_path`, or a new
+    PostgreSQL schema (dropped afterwards; unreachable PostgreSQL skips, and fails in CI)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path}/db/orch.db"
+        return
+    import os
+
+    import psycopg
+    import pytest
+    from sqlalchemy.engine import make_url
+
+    base = make_url(os.environ.get("ORCH_TEST_POSTGRES_URL",
+                                   "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
+    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL unreachable: {exc} (a skipped PostgreSQL test in CI fails)")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    drop = f"DROP SCHEMA IF EXISTS {schema} CASCADE"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(drop)
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield base.set(drivername="postgresql+psycopg").update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(drop)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:

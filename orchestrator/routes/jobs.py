@@ -1,7 +1,13 @@
-"""The jobs API people use (through the CLI): submit, list, inspect, cancel, resume."""
+"""The jobs API people use (through the CLI): submit, list, inspect, cancel, resume.
+
+Who may do what: any authenticated user reads every job (teammates see each other's work);
+a job is submitted as the authenticated user, within their priority limit and GPU cap;
+cancel and resume are for the job's owner or an admin.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,8 +29,14 @@ from orchestrator.api import (
     MetricView,
     SubmitRequest,
 )
-from orchestrator.auth import User, current_user, plane_of
-from orchestrator.errors import Conflict, InvalidRequest, SpecError
+from orchestrator.auth import (
+    User,
+    current_user,
+    effective_gpu_cap,
+    effective_max_priority,
+    plane_of,
+)
+from orchestrator.errors import Conflict, Forbidden, InvalidRequest, SpecError
 from orchestrator.joblogs import read_logs
 from orchestrator.models import CheckpointKind, Job
 from orchestrator.preflight import preflight
@@ -35,7 +47,9 @@ from orchestrator.states import JobState
 if TYPE_CHECKING:
     from orchestrator.server import ControlPlane
 
+log = logging.getLogger("orch.server")
 router = APIRouter(dependencies=[Depends(current_user)])
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 JobId = Annotated[int, PathParam(ge=1, le=2**63 - 1, description="a job id")]
 CurrentUser = Annotated[User, Depends(current_user)]
 
@@ -51,6 +65,28 @@ def parse_states(text: str | None) -> list[JobState] | None:
         raise InvalidRequest(f"state: unknown {', '.join(unknown)}; use one or more of "
                              f"{', '.join(valid)}")
     return [JobState(n) for n in names]
+
+
+def priority_problem(priority: int, user: User, limit: int) -> str | None:
+    """Why `user` may not submit at this priority, or None."""
+    if not INT32_MIN <= priority <= INT32_MAX:
+        return f"priority: must fit a 32-bit integer ({INT32_MIN} to {INT32_MAX}), got {priority}"
+    if priority > limit:
+        return (f"priority: {priority} is above {user.name}'s limit of {limit}; use at most "
+                f"{limit} (an admin sets the limit: ORCH_MAX_PRIORITY, or the user's "
+                "--max-priority)")
+    return None
+
+
+def may_change(user: User, job: Job, action: str) -> None:
+    """Only the job's owner or an admin may cancel or resume it; anyone else is refused
+    (and the refusal is logged), before anything changes."""
+    if user.is_admin or job.owner == user.name:
+        return
+    log.warning("%s refused: %s may not %s job %s of %s", action, user.name, action, job.id,
+                job.owner)
+    raise Forbidden(f"job {job.id} belongs to {job.owner}; only its owner or an admin may "
+                    f"{action} it")
 
 
 def _artifact_root(spec: JobSpec) -> Path | None:
@@ -75,7 +111,11 @@ def submit(body: SubmitRequest, request: Request, user: CurrentUser) -> JobSumma
     problems = preflight(spec, Rules.from_settings(plane.settings))
     # The store's gpus/cpus are the whole job's (every worker's), which admission counts.
     gpus, cpus = spec.resources.gpus, spec.resources.total_cpus
-    if reason := plane.scheduler.never_fits(gpus, cpus):
+    if reason := priority_problem(spec.priority, user,
+                                  effective_max_priority(user, plane.settings)):
+        problems.append(reason)
+    if reason := plane.scheduler.never_fits(gpus, cpus, owner=user.name,
+                                            gpu_cap=effective_gpu_cap(user, plane.settings)):
         problems.append(reason)
     if reason := plane.scheduler.multi_node_problem(spec):
         problems.append(reason)
@@ -134,7 +174,7 @@ def status(job_id: JobId, request: Request) -> JobDetail:
 @router.post("/jobs/{job_id}/cancel", response_model=CancelResponse)
 def cancel(job_id: JobId, request: Request, user: CurrentUser) -> CancelResponse:
     plane = plane_of(request)
-    plane.store.require_job(job_id)
+    may_change(user, plane.store.require_job(job_id), "cancel")
     changed, message = plane.scheduler.cancel(job_id, f"cancelled by {user.name}",
                                               user=user.name)
     plane.wake()
@@ -147,10 +187,13 @@ def resume(job_id: JobId, request: Request, user: CurrentUser) -> JobSummary:
     """A failed or cancelled job continues as a new job from its latest checkpoint.
 
     The old job keeps its terminal state (terminal states never change); the new one
-    records where it came from (`parent_job_id`, `resume_from`).
+    records where it came from (`parent_job_id`, `resume_from`). It belongs to the old
+    job's owner, whoever resumed it (an admin, say): the owner's cap and history hold; its
+    first event names who resumed it.
     """
     plane = plane_of(request)
     old = plane.store.require_job(job_id)
+    may_change(user, old, "resume")
     if old.state not in (JobState.FAILED, JobState.CANCELLED):
         raise Conflict(f"job {job_id} is {old.state.value}; only failed or cancelled jobs can "
                        "be resumed")
@@ -158,13 +201,16 @@ def resume(job_id: JobId, request: Request, user: CurrentUser) -> JobSummary:
     if latest is None:
         raise Conflict(f"job {job_id} has no complete checkpoint to resume from; submit its "
                        "spec again instead")
+    on_behalf = f" for {old.owner}" if old.owner != user.name else ""
     job = create_job(
-        plane, name=old.name, objective=old.objective, owner=user.name, spec=old.spec,
+        plane, name=old.name, objective=old.objective, owner=old.owner, spec=old.spec,
         spec_yaml=old.spec_yaml, gpus=old.gpus, cpus=old.cpus, priority=old.priority,
         max_attempts=old.max_attempts, parent_job_id=job_id, resume_from=latest[1],
         artifact_root=_artifact_root(spec_from_dict(old.spec)),
-        reason=f"submitted by {user.name}: resume of job {job_id} from step {latest[0]}",
-        details={"resumes": job_id, "resume_step": latest[0], "resume_from": latest[1]},
+        reason=(f"submitted by {user.name}{on_behalf}: resume of job {job_id} from step "
+                f"{latest[0]}"),
+        details={"user": user.name, "resumes": job_id, "resume_step": latest[0],
+                 "resume_from": latest[1]},
     )
     plane.wake()
     return JobSummary.of(job)

@@ -7,6 +7,7 @@ One `Store` object, put together from one module per concern:
                   batched admission (claim_jobs)
   metrics.py      metrics, each (attempt, step, name) once, superseded rows kept
   checkpoints.py  checkpoints, best/latest, retention
+  users.py        users of a team server, their API tokens (hashed), the audit trail
 
 Writes validate their input before touching the database (InvalidRequest), and each
 public method is one transaction, so bad input or a lost race changes nothing.
@@ -19,10 +20,12 @@ from orchestrator.store.checkpoints import CheckpointsStore, pick_best
 from orchestrator.store.engine import MIGRATIONS_DIR, make_engine, migration_lock, upgrade_schema
 from orchestrator.store.jobs import Claimed, JobsStore, QueuedJob, Supersede, submission_id
 from orchestrator.store.metrics import MetricsStore
+from orchestrator.store.users import Issued, UsersStore
 
 
-class Store(JobsStore, MetricsStore, CheckpointsStore):
-    """All of orch's reads and writes of jobs, events, attempts, metrics and checkpoints."""
+class Store(JobsStore, MetricsStore, CheckpointsStore, UsersStore):
+    """All of orch's reads and writes of jobs, events, attempts, metrics, checkpoints,
+    users and their tokens."""
 
     def __enter__(self) -> Store:
         return self
@@ -31,6 +34,6 @@ class Store(JobsStore, MetricsStore, CheckpointsStore):
         self.close()
 
 
-__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "QueuedJob", "Store", "Supersede",
-           "make_engine",
-           "migration_lock", "pick_best", "submission_id", "upgrade_schema"]
+__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "Issued", "QueuedJob", "Store",
+           "Supersede", "make_engine", "migration_lock", "pick_best", "submission_id",
+           "upgrade_schema"]

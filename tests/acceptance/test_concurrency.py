@@ -89,7 +89,6 @@ def test_200_concurrent_submits_from_a_cold_start(backend: tuple[str, str], tmp_
         ORCH_SERVER_PORT=str(port),
         ORCH_DATABASE_URL=db_url,
         ORCH_EXECUTOR="noop",
-        ORCH_USER="tester",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONUNBUFFERED="1",

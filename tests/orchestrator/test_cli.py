@@ -14,19 +14,19 @@ from orchestrator import cli
 from orchestrator.cluster import Capacity
 from orchestrator.server import ControlPlane, create_app
 from orchestrator.store import Store
-from tests.support import FakeExecutor
+from tests.support import FakeExecutor, as_local_user
 from tests.support import mlm_spec_dict as spec_dict
 
 
 @pytest.fixture
 def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     """The CLI's real Client, its HTTP requests answered by the app in this process."""
-    monkeypatch.delenv("ORCH_API_TOKEN", raising=False)
     monkeypatch.setenv("ORCH_SERVER_URL", "http://testserver")
     plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=4, nodes=1), interval=60)
     with TestClient(create_app(plane)) as client:
+        monkeypatch.setenv("ORCH_API_TOKEN", client.app.state.local_token)  # type: ignore[attr-defined]
         monkeypatch.setattr(orchestrator.client, "http", lambda: client)
-        yield client
+        yield as_local_user(client)
 
 
 def table(*args: str) -> list[list[str]]:

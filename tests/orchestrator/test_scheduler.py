@@ -237,6 +237,20 @@ def test_per_user_gpu_cap_holds_back_only_that_user(store: Store, fake: FakeExec
         "each user may hold at most 2 at once; lower resources.gpus")
 
 
+def test_a_users_own_gpu_cap_overrides_the_default(store: Store, fake: FakeExecutor) -> None:
+    store.create_user("ann", actor="op", gpu_cap=1)
+    sched = Scheduler(store, fake, Capacity(gpus=8, cpus=8, nodes=1), user_gpu_cap=3)
+    first, second = add_job(store, owner="ann"), add_job(store, owner="ann")
+    bobs = [add_job(store, gpus=2, owner="bob"), add_job(store, owner="bob")]
+    sched.tick()
+    assert [state(store, j) for j in (first, second, *bobs)] == [
+        JobState.PENDING, JobState.QUEUED, JobState.PENDING, JobState.PENDING]
+    assert sched.wait_reason(store.get_job(second)) == (  # type: ignore[arg-type]
+        "waiting for ann's other jobs: they hold 1 GPUs and the per-user cap is 1")
+    assert (sched.never_fits(2, 1, owner="ann", gpu_cap=1) or "").endswith(
+        "ann may hold at most 1 at once; lower resources.gpus")
+
+
 def test_the_drivers_own_words_head_the_failure_reason(store: Store, fake: FakeExecutor,
                                                        sched: Scheduler) -> None:
     job = add_job(store)

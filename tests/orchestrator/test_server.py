@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from orchestrator.cluster import Capacity
 from orchestrator.server import ControlPlane, create_app
 from orchestrator.store import Store
-from tests.support import FakeExecutor
+from tests.support import FakeExecutor, as_local_user
 from tests.support import mlm_spec_dict as spec_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,12 +21,10 @@ ASSETS = REPO / "jobs" / "assets"
 
 
 @pytest.fixture
-def api(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, Store]]:
-    monkeypatch.setenv("ORCH_API_TOKEN", "s3cret")
+def api(store: Store) -> Iterator[tuple[TestClient, Store]]:
     plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=4, nodes=1), interval=60)
     with TestClient(create_app(plane)) as client:
-        client.headers.update({"Authorization": "Bearer s3cret", "X-Orch-User": "ann"})
-        yield client, store
+        yield as_local_user(client), store
 
 
 def test_token_is_required(api: tuple[TestClient, Store]) -> None:
@@ -38,10 +37,12 @@ def test_token_is_required(api: tuple[TestClient, Store]) -> None:
 
 def test_submit_records_a_queued_job_with_its_owner(api: tuple[TestClient, Store]) -> None:
     client, store = api
-    response = client.post("/jobs", json={"spec": spec_dict(), "spec_yaml": "name: api-test\n"})
+    response = client.post("/jobs", json={"spec": spec_dict(), "spec_yaml": "name: api-test\n"},
+                           headers={"X-Orch-User": "someone-else"})  # ignored: no identity
     assert response.status_code == 201, response.text
     job = response.json()
-    assert job["state"] == "queued" and job["owner"] == "ann" and job["gpus"] == 1
+    # The local server's token is the OS user's, who runs the server.
+    assert job["state"] == "queued" and job["owner"] == getpass.getuser() and job["gpus"] == 1
     stored = store.get_job(job["id"])
     assert stored and stored.spec_yaml == "name: api-test\n"
     # The loop ticks every 60 s here: a prompt admission shows that submit wakes it.

@@ -17,7 +17,7 @@ from orchestrator.settings import get_settings
 from orchestrator.spec import build_spec
 from orchestrator.states import JobState
 from orchestrator.store import Store
-from tests.support import REPO, FakeExecutor
+from tests.support import REPO, FakeExecutor, as_local_user
 
 ASSETS = REPO / "jobs" / "assets"
 
@@ -36,7 +36,7 @@ def plane(store: Store) -> Iterator[tuple[TestClient, Store, FakeExecutor]]:
     fake = FakeExecutor()
     control = ControlPlane(store, fake, Capacity(gpus=2, cpus=8, nodes=1), interval=60)
     with TestClient(create_app(control)) as client:
-        yield client, store, fake
+        yield as_local_user(client), store, fake
 
 
 def admitted(client: TestClient, store: Store, fake: FakeExecutor) -> tuple[int, str, TestClient]:

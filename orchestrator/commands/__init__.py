@@ -1,0 +1,1 @@
+"""Groups of `orch` subcommands that live outside `orchestrator.cli` (which registers them)."""
