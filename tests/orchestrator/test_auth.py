@@ -127,7 +127,8 @@ def test_over_real_http_a_huge_body_without_a_token_is_refused_at_once(
         team: tuple[TestClient, Headers], store: Store) -> None:
     _, headers = team
     plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=1, cpus=4, nodes=1), interval=3600)
-    with served(create_app(plane)) as url:
+    app = create_app(plane)
+    with TestClient(app), served(app) as url:  # the TestClient runs the app's lifespan
         port = int(url.rsplit(":", 1)[1])
         for auth in ("", f"Authorization: {headers['bob']['Authorization']}\r\n"):
             started = time.monotonic()

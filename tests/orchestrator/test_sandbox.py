@@ -24,7 +24,7 @@ from orchestrator.server import ControlPlane, create_app
 from orchestrator.settings import Settings, get_settings
 from orchestrator.spec import build_spec
 from orchestrator.store import Store
-from tests.support import REPO, FakeExecutor
+from tests.support import REPO, FakeExecutor, as_local_user
 
 ASSETS = REPO / "jobs" / "assets"
 MODEL = str(ASSETS / "models" / "bert-tiny")
@@ -301,7 +301,7 @@ def team(store: Store, tmp_path: Path) -> Iterator[tuple[TestClient, Store, Path
     plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=2, cpus=8, nodes=1),
                          interval=60, settings=settings)
     with TestClient(create_app(plane)) as client:
-        yield client, store, home
+        yield as_local_user(client), store, home
 
 
 def _no_trace(store: Store, home: Path) -> None:
