@@ -37,8 +37,8 @@ def test_a_long_series_is_cut_to_the_bound_keeping_endpoints_and_extremes(n: int
     assert kept_steps[0] == steps[0] and kept_steps[-1] == steps[-1]
     assert max(kept_values) == 9.0 and min(kept_values) == -3.0
     # Every kept point is a real point of the series.
-    original = dict(zip(steps, values))
-    assert all(original[s] == v for s, v in zip(kept_steps, kept_values))
+    original = dict(zip(steps, values, strict=True))
+    assert all(original[s] == v for s, v in zip(kept_steps, kept_values, strict=True))
 
 
 def test_lttb_keeps_the_shape_of_a_curve() -> None:
