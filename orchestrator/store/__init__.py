@@ -7,6 +7,7 @@ One `Store` object, put together from one module per concern:
                   batched admission (claim_jobs)
   metrics.py      metrics, each (attempt, step, name) once, superseded rows kept
   checkpoints.py  checkpoints, best/latest, retention
+  reads.py        reads for views of many jobs or long curves (job pages, downsampled charts)
 
 Writes validate their input before touching the database (InvalidRequest), and each
 public method is one transaction, so bad input or a lost race changes nothing.
@@ -19,9 +20,10 @@ from orchestrator.store.checkpoints import CheckpointsStore, pick_best
 from orchestrator.store.engine import MIGRATIONS_DIR, make_engine, migration_lock, upgrade_schema
 from orchestrator.store.jobs import Claimed, JobsStore, Supersede, submission_id
 from orchestrator.store.metrics import MetricsStore
+from orchestrator.store.reads import ReadsStore, SeriesPoint
 
 
-class Store(JobsStore, MetricsStore, CheckpointsStore):
+class Store(JobsStore, MetricsStore, CheckpointsStore, ReadsStore):
     """All of orch's reads and writes of jobs, events, attempts, metrics and checkpoints."""
 
     def __enter__(self) -> Store:
@@ -31,5 +33,5 @@ class Store(JobsStore, MetricsStore, CheckpointsStore):
         self.close()
 
 
-__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "Store", "Supersede", "make_engine",
-           "migration_lock", "pick_best", "submission_id", "upgrade_schema"]
+__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "SeriesPoint", "Store", "Supersede",
+           "make_engine", "migration_lock", "pick_best", "submission_id", "upgrade_schema"]
