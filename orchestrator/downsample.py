@@ -32,6 +32,9 @@ def lttb_indices(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
     kept[0], kept[-1] = 0, n - 1
     # Buckets cover the points between the first and the last one.
     every = (n - 2) / (n_out - 2) if n_out > 2 else 0.0
+    # Prefix sums: any bucket's average in O(1), not a pass over the bucket.
+    sum_x = np.concatenate(([0.0], np.cumsum(x)))
+    sum_y = np.concatenate(([0.0], np.cumsum(y)))
     previous = 0
     for bucket in range(n_out - 2):
         start = int(bucket * every) + 1
@@ -39,8 +42,9 @@ def lttb_indices(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
         next_start, next_end = end, min(int((bucket + 2) * every) + 1, n)
         if next_start >= next_end:  # the last bucket: the next "bucket" is the last point
             next_start, next_end = n - 1, n
-        avg_x = x[next_start:next_end].mean()
-        avg_y = y[next_start:next_end].mean()
+        size = next_end - next_start
+        avg_x = (sum_x[next_end] - sum_x[next_start]) / size
+        avg_y = (sum_y[next_end] - sum_y[next_start]) / size
         px, py = x[previous], y[previous]
         # Twice the triangle's area; the constant factor does not change the argmax.
         area = np.abs((px - avg_x) * (y[start:end] - py) - (px - x[start:end]) * (avg_y - py))

@@ -4,7 +4,7 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from orchestrator.states import JobState
-from orchestrator.store import SeriesPoint, Store
+from orchestrator.store import QueuedJob, Series, Store
 from tests.support import new_job
 
 
@@ -47,19 +47,32 @@ def test_series_counts_and_names(store: Store) -> None:
     assert store.metric_names([job_id]) == ["eval_loss", "train_loss"]
     assert store.metric_names([]) == []
     series = store.metric_series(job_id, ["train_loss", "eval_loss"])
-    assert [p.step for p in series["train_loss"]] == list(range(1, 10))
-    assert series["train_loss"][-1] == SeriesPoint(9, 90.0, False)
-    assert series["eval_loss"] == [SeriesPoint(5, 1.0, False)]
-    everything = store.metric_series(job_id, ["train_loss"], include_superseded=True)
-    assert [(p.step, p.superseded) for p in everything["train_loss"][-3:]] == [
+    assert series["train_loss"].steps == list(range(1, 10))
+    assert series["train_loss"].values[-1] == 90.0 and not any(series["train_loss"].superseded)
+    assert series["eval_loss"] == Series([5], [1.0], [False])
+    everything = store.metric_series(job_id, ["train_loss"], include_superseded=True)["train_loss"]
+    assert list(zip(everything.steps, everything.superseded, strict=True))[-3:] == [
         (9, True), (9, False), (10, True)]
     window = store.metric_series(job_id, ["train_loss"], after_step=3, max_step=5)
-    assert [p.step for p in window["train_loss"]] == [4, 5]
+    assert window["train_loss"].steps == [4, 5]
     assert store.metric_series(job_id, []) == {}
     assert store.metric_counts(job_id, ["train_loss", "eval_loss", "nope"]) == {
         "train_loss": 9, "eval_loss": 1, "nope": 0}
     assert store.metric_counts(job_id, ["train_loss"], include_superseded=True) == {
         "train_loss": 11}
+
+
+def test_queue_summaries_page_in_admission_order(store: Store) -> None:
+    low = new_job(store, owner="ann", gpus=2, cpus=3)
+    high = new_job(store, owner="bob", priority=5)
+    low2 = new_job(store)
+    store.transition(new_job(store, priority=9), JobState.CANCELLED, "not queued any more")
+    first = store.queued_summaries(limit=2)
+    assert first == [QueuedJob(high, "bob", 1, 4, 5),
+                     QueuedJob(low, "ann", 2, 3, 0)]
+    assert store.queued_summaries(limit=2, after=(0, low)) == [QueuedJob(low2, "alice", 1, 4, 0)]
+    assert [q.id for q in store.queued_summaries(limit=10)] == [
+        j.id for j in store.queued_jobs(limit=10)]
 
 
 def test_lineage_follows_resumes_to_the_first_job(store: Store) -> None:
