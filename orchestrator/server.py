@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from orchestrator import cluster
+from orchestrator import cluster, dashboard
 from orchestrator.cluster import Capacity
 from orchestrator.errors import OrchError, ProblemsError
 from orchestrator.executor import Executor, RayJobsExecutor
@@ -124,6 +124,7 @@ def create_app(plane: ControlPlane | None = None, server_url: str | None = None)
 
     app.include_router(jobs.router)
     app.include_router(worker.router)
+    dashboard.install(app)  # the web UI at /, its JSON under /ui/api
 
     @app.exception_handler(OrchError)
     def orch_error(request: Request, exc: OrchError) -> JSONResponse:
