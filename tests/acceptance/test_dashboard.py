@@ -234,6 +234,10 @@ def seed(store: Store, home: Path) -> Seeded:
     mine = ids["mine"] = _job(store, "gpt2-clm-sweep-3", "clm", "alice", max_steps=800)
     _run(store, mine, 800)
     store.add_metrics(mine, 1, _curve(range(1, 41), 8, total=800))
+    # Tests run in any order: the live chart grows on a job no test cancels.
+    live = ids["live"] = _job(store, "gpt2-clm-sweep-4", "clm", "alice", max_steps=800)
+    _run(store, live, 800)
+    store.add_metrics(live, 1, _curve(range(1, 41), 9, total=800))
 
     # Queued behind the 5 GPUs in use (8 in all): the head waits and holds up the next.
     ids["queued_head"] = _job(store, "qwen-0.5b-clm", "clm", "carol", gpus=6,
@@ -248,6 +252,7 @@ def seed(store: Store, home: Path) -> Seeded:
             ("cancelled", 22 * hour, 12, 0.2 * hour), ("parent", 20 * hour, 65, 1.5 * hour),
             ("child", 17 * hour, 20, 2.3 * hour), ("long", 5.5 * hour, 140, 5.4 * hour),
             ("others", 1.2 * hour, 30, 1.1 * hour), ("mine", 0.3 * hour, 15, 0.25 * hour),
+            ("live", 0.25 * hour, 10, 0.2 * hour),
             ("queued_head", 0.5 * hour, 0, None), ("queued_next", 0.2 * hour, 0, None)):
         _backdate(store, ids[role], ago=ago, queued=queued, ran=ran)
     jobs = [store.require_job(i) for i in ids.values()]
@@ -434,7 +439,8 @@ def test_jobs_page_lists_jobs_and_filters_them(dashboard: Dashboard, alice: Any)
     assert sorted(rows) == sorted(dashboard.seeded.ids.values())
     head = dashboard.job("queued_head")
     reason = page.inner_text(f"#jobs-body tr[data-job-id='{head}'] .why")
-    assert reason == "waiting for 6 GPUs: 3 free"
+    held = sum(j.gpus for j in dashboard.store.list_jobs(states=[JobState.RUNNING]))
+    assert reason == f"waiting for 6 GPUs: {8 - held} free"  # 8 GPUs in all
     assert "1 job ahead" in page.inner_text(
         f"#jobs-body tr[data-job-id='{dashboard.job('queued_next')}'] .why")
     long_row = page.inner_text(f"#jobs-body tr[data-job-id='{dashboard.job('long')}']")
@@ -508,14 +514,14 @@ def test_a_resumed_chain_is_one_curve(dashboard: Dashboard, alice: Any) -> None:
 
 def test_a_live_chart_grows_without_a_reload(dashboard: Dashboard, alice: Any) -> None:
     page = alice.new_page()
-    mine = dashboard.job("mine")
-    page.goto(f"{dashboard.url}/ui/jobs/{mine}")
+    live = dashboard.job("live")
+    page.goto(f"{dashboard.url}/ui/jobs/{live}")
     page.wait_for_function("() => window.orchCharts && window.orchCharts.loss")
     assert chart_points(page, "loss") == {"train_loss": 40}
     page.evaluate("window.__same_page = true")
-    dashboard.store.add_metrics(mine, 1, _curve(range(41, 66), 8, total=800)
+    dashboard.store.add_metrics(live, 1, _curve(range(41, 66), 9, total=800)
                                 + [(60, "eval_loss", 2.1)])
-    joblogs.append_chunk(Path(dashboard.env["ORCH_HOME"]), mine, 1, 0,
+    joblogs.append_chunk(Path(dashboard.env["ORCH_HOME"]), live, 1, 0,
                          b"{'loss': 2.4051, 'epoch': 0.05}\n")
     page.wait_for_function("() => window.orchCharts.loss.plot.data[0].length >= 65",
                            timeout=15_000)
