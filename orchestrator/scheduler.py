@@ -32,7 +32,7 @@ from orchestrator.executor import Executor, Launch, RayStatus
 from orchestrator.models import AttemptOutcome, Job
 from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE_STATES, JobState
-from orchestrator.store import QueuedJob, Store
+from orchestrator.store import Store
 
 log = logging.getLogger("orch.scheduler")
 
@@ -83,17 +83,6 @@ class Scheduler:
                 return
             after = (page[-1].priority, int(page[-1].id or 0))
 
-    def _queue_summaries(self) -> Iterator[QueuedJob]:
-        """`queue()`, each job read as the few columns its place in the queue depends on
-        (no spec): a walk of a 10,000-job queue for wait reasons stays cheap."""
-        after: tuple[int, int] | None = None
-        while True:
-            page = self.store.queued_summaries(limit=QUEUE_PAGE, after=after)
-            yield from page
-            if len(page) < QUEUE_PAGE:
-                return
-            after = (page[-1].priority, page[-1].id)
-
     def never_fits(self, gpus: int, cpus: int) -> str | None:
         """Why a job of this size can never run on this cluster, or None."""
         if gpus > self.capacity.gpus:
@@ -139,7 +128,7 @@ class Scheduler:
     def _owner_gpus(self) -> Counter[str]:
         return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
 
-    def _capped(self, job: Job | QueuedJob, held: Counter[str]) -> bool:
+    def _capped(self, job: Job, held: Counter[str]) -> bool:
         return self.user_gpu_cap is not None and held[job.owner] + job.gpus > self.user_gpu_cap
 
     def wait_reason(self, job: Job) -> str:
@@ -168,7 +157,7 @@ class Scheduler:
         ahead_of: dict[int, int] = {}
         ahead = 0
         if walk:
-            for queued in self._queue_summaries():
+            for queued in self.queue():
                 if queued.id in walk:
                     ahead_of[int(queued.id)] = ahead
                     if len(ahead_of) == len(walk):

@@ -20,7 +20,7 @@ from orchestrator.store.checkpoints import CheckpointsStore, pick_best
 from orchestrator.store.engine import MIGRATIONS_DIR, make_engine, migration_lock, upgrade_schema
 from orchestrator.store.jobs import Claimed, JobsStore, Supersede, submission_id
 from orchestrator.store.metrics import MetricsStore
-from orchestrator.store.reads import QueuedJob, ReadsStore, Series
+from orchestrator.store.reads import ReadsStore
 
 
 class Store(JobsStore, MetricsStore, CheckpointsStore, ReadsStore):
@@ -33,6 +33,5 @@ class Store(JobsStore, MetricsStore, CheckpointsStore, ReadsStore):
         self.close()
 
 
-__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "QueuedJob", "Series", "Store",
-           "Supersede", "make_engine", "migration_lock", "pick_best", "submission_id",
-           "upgrade_schema"]
+__all__ = ["MIGRATIONS_DIR", "Claimed", "InvalidTransition", "Store", "Supersede", "make_engine",
+           "migration_lock", "pick_best", "submission_id", "upgrade_schema"]

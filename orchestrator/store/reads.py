@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from sqlalchemy import bindparam, func, select, text
 from sqlmodel import col
@@ -47,16 +46,6 @@ class Series:
 
     def __len__(self) -> int:
         return len(self.steps)
-
-
-class QueuedJob(NamedTuple):
-    """What the queue's order and a wait reason need of a queued job (no spec)."""
-
-    id: int
-    owner: str
-    gpus: int
-    cpus: int
-    priority: int
 
 
 class ReadsStore(StoreBase):
@@ -163,21 +152,6 @@ class ReadsStore(StoreBase):
         with self._read() as session:
             counts = {name: n for name, n in session.execute(query)}
         return {name: int(counts.get(name, 0)) for name in names}
-
-    def queued_summaries(self, limit: int,
-                         after: tuple[int, int] | None = None) -> list[QueuedJob]:
-        """`queued_jobs` without the rest of each job: the same order and paging, read from
-        the queue index and the few columns admission order and wait reasons need."""
-        query = select(Job.id, Job.owner, Job.gpus, Job.cpus, Job.priority).where(
-            col(Job.state) == JobState.QUEUED)
-        if after is not None:
-            priority, job_id = after
-            query = query.where((col(Job.priority) < priority)
-                                | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
-        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc()).limit(limit)
-        with self._read() as session:
-            return [QueuedJob(int(i), o, int(g), int(c), int(p))
-                    for i, o, g, c, p in session.connection().execute(query)]
 
     def lineage(self, job_id: int) -> list[Job]:
         """The chain of `orch resume`s that leads to this job: its oldest ancestor first,

@@ -4,7 +4,8 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from orchestrator.states import JobState
-from orchestrator.store import QueuedJob, Series, Store
+from orchestrator.store import Store
+from orchestrator.store.reads import Series
 from tests.support import new_job
 
 
@@ -60,19 +61,6 @@ def test_series_counts_and_names(store: Store) -> None:
         "train_loss": 9, "eval_loss": 1, "nope": 0}
     assert store.metric_counts(job_id, ["train_loss"], include_superseded=True) == {
         "train_loss": 11}
-
-
-def test_queue_summaries_page_in_admission_order(store: Store) -> None:
-    low = new_job(store, owner="ann", gpus=2, cpus=3)
-    high = new_job(store, owner="bob", priority=5)
-    low2 = new_job(store)
-    store.transition(new_job(store, priority=9), JobState.CANCELLED, "not queued any more")
-    first = store.queued_summaries(limit=2)
-    assert first == [QueuedJob(high, "bob", 1, 4, 5),
-                     QueuedJob(low, "ann", 2, 3, 0)]
-    assert store.queued_summaries(limit=2, after=(0, low)) == [QueuedJob(low2, "alice", 1, 4, 0)]
-    assert [q.id for q in store.queued_summaries(limit=10)] == [
-        j.id for j in store.queued_jobs(limit=10)]
 
 
 def test_lineage_follows_resumes_to_the_first_job(store: Store) -> None:
