@@ -123,15 +123,19 @@ _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/sv
 
 
 def static_file(name: str) -> Response:
-    """A file shipped under the package's static/ directory (package data), or a 404."""
-    parts = PurePosixPath(name).parts
-    if not parts or any(p in ("..", ".") or p.startswith(".") for p in parts):
-        return Response("not found", status_code=404, media_type="text/plain")
-    target = resources.files("orchestrator.dashboard").joinpath("static", *parts)
+    """A file shipped under the package's static/ directory (package data), or a 404. Only
+    plain relative names: no absolute path, no `..`, no hidden file, nothing outside."""
+    missing = Response("not found", status_code=404, media_type="text/plain")
+    path = PurePosixPath(name)
+    if (not name or path.is_absolute() or "\\" in name
+            or any(p in ("..", ".") or p.startswith(".") for p in path.parts)):
+        return missing
+    root = resources.files("orchestrator.dashboard").joinpath("static")
+    target = root.joinpath(*path.parts)
     if not target.is_file():
-        return Response("not found", status_code=404, media_type="text/plain")
-    suffix = PurePosixPath(name).suffix
-    media = _STATIC_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return missing
+    media = (_STATIC_TYPES.get(path.suffix) or mimetypes.guess_type(name)[0]
+             or "application/octet-stream")
     return Response(target.read_bytes(), media_type=media,
                     headers={"Cache-Control": "public, max-age=86400",
                              "X-Content-Type-Options": "nosniff"})

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from orchestrator.dashboard import views
+from orchestrator.dashboard.rendering import static_file
 from orchestrator.models import CheckpointKind
 from orchestrator.states import JobState
 from tests.support import new_job
@@ -121,9 +122,13 @@ def test_static_files_ship_with_the_package(dash: Dash) -> None:
     assert "uPlot" in script.text
     assert dash.client.get("/ui/static/vendor/uplot/LICENSE").status_code == 200
     assert dash.client.get("/ui/static/app.css").headers["content-type"].startswith("text/css")
-    for path in ("/ui/static/../views.py", "/ui/static/%2e%2e/views.py", "/ui/static/nope.js",
-                 "/ui/static/.hidden", "/ui/static/"):
+    for path in ("/ui/static/%2e%2e/views.py", "/ui/static/%2e%2e/%2e%2e/auth.py",
+                 "/ui/static//etc/passwd", "/ui/static/%2Fetc%2Fpasswd", "/ui/static/nope.js",
+                 "/ui/static/.hidden", "/ui/static/", "/ui/static/vendor\\..\\..\\views.py"):
         assert dash.client.get(path).status_code == 404, path
+    for name in ("../views.py", "../../auth.py", "/etc/passwd", "//etc/passwd",
+                 "vendor/../../pages.py", "", ".", "vendor/uplot/../../../views.py"):
+        assert static_file(name).status_code == 404, name
 
 
 def test_curves_join_a_resume_chain_and_stay_bounded(dash: Dash) -> None:
