@@ -293,7 +293,8 @@ def cluster_view(plane: ControlPlane, user: User) -> dict[str, Any]:
     and what each user holds against the per-user cap."""
     scheduler, store = plane.scheduler, plane.store
     cap, free = scheduler.capacity, scheduler.free()
-    queue = list(islice(scheduler.queue(), QUEUE_ROWS))
+    # The queue's order is the scheduler's; the rows shown are read in full.
+    queue = store.jobs_by_ids([int(q.id or 0) for q in islice(scheduler.queue(), QUEUE_ROWS)])
     reasons = scheduler.wait_reasons(queue) if queue else {}
     counts = store.job_counts()
     now = utcnow()

@@ -70,6 +70,15 @@ class ReadsStore(StoreBase):
         with self._read() as session:
             return list(session.scalars(query))
 
+    def jobs_by_ids(self, job_ids: Sequence[int]) -> list[Job]:
+        """These jobs, in the order given (ids with no job are left out)."""
+        if not job_ids:
+            return []
+        query = select(Job).where(col(Job.id).in_(list(job_ids)))
+        with self._read() as session:
+            found = {int(j.id or 0): j for j in session.scalars(query)}
+        return [found[i] for i in job_ids if i in found]
+
     def job_counts(self, owner: str | None = None) -> dict[JobState, int]:
         """How many jobs are in each state (states with none are left out)."""
         query = select(Job.state, func.count()).group_by(col(Job.state))

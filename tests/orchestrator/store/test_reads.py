@@ -24,6 +24,8 @@ def test_job_pages_go_both_ways_and_filter(store: Store) -> None:
     assert store.job_counts() == {JobState.QUEUED: 6, JobState.CANCELLED: 1}
     assert store.job_counts(owner="bob") == {JobState.QUEUED: 4}
     assert store.job_owners() == ["ann", "bob"]
+    assert [j.id for j in store.jobs_by_ids([ids[4], 10_000, ids[0]])] == [ids[4], ids[0]]
+    assert store.jobs_by_ids([]) == []
 
 
 def test_latest_values_are_the_newest_live_ones(store: Store) -> None:
