@@ -17,6 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from orchestrator.dashboard import data, pages, session
 from orchestrator.dashboard.rendering import error_page
 
+# The paths a browser without a session must reach: the login page, and pages that send it
+# there (each checks the session itself and shows nothing without one), plus the static
+# files they load. A path ending in "/" covers what is under it; "/" itself is the Jobs page
+# only. The JSON under /ui/api/ is not among them: it needs a credential like the API.
+OPEN_PATHS = ("/", "/login", "/logout", "/ui/static/", "/ui/jobs/", "/ui/compare", "/ui/cluster")
+
 
 def install(app: FastAPI) -> None:
     """Serve the dashboard from `app`: its pages, their JSON and static files, and a
@@ -32,4 +38,4 @@ def install(app: FastAPI) -> None:
         return await http_exception_handler(request, exc)
 
 
-__all__ = ["install"]
+__all__ = ["OPEN_PATHS", "install"]

@@ -29,6 +29,29 @@ def test_without_a_session_pages_go_to_login_and_json_is_refused(dash: Dash) -> 
     assert login.headers["content-security-policy"].startswith("default-src 'self'")
 
 
+def test_pages_a_browser_reaches_without_a_session_show_nothing(dash: Dash) -> None:
+    from fastapi.routing import iter_route_contexts
+
+    from orchestrator.dashboard import OPEN_PATHS
+
+    job_id = new_job(dash.store, name="secret-run")
+    routes = [(m, r.path) for r in iter_route_contexts(dash.client.app.routes)
+              for m in (r.methods or ()) if m != "HEAD"]
+    pages = [(m, p) for m, p in routes if p == "/" or p.startswith(("/login", "/logout", "/ui/"))
+             and not p.startswith("/ui/api/")]
+    assert len(pages) == 8  # every page, the login form, sign-out and the static files
+    for method, path in pages:
+        opened = any(path == o or (o.endswith("/") and o != "/" and path.startswith(o))
+                     for o in OPEN_PATHS)
+        assert opened, path
+        url = path.replace("{job_id}", str(job_id)).replace("{name:path}", "app.css")
+        answer = dash.client.request(method, url)
+        assert answer.status_code in (200, 303, 403), (method, path, answer.status_code)
+        assert "secret-run" not in answer.text, path
+        if answer.status_code == 200:  # the login form, or a static file
+            assert path in ("/login", "/ui/static/{name:path}"), path
+
+
 def test_the_local_login_link_sets_the_cookies_and_drops_the_token(dash: Dash) -> None:
     response = dash.client.get(f"/login?token={dash.token}&next=/ui/cluster")
     assert response.status_code == 303 and response.headers["location"] == "/ui/cluster"
