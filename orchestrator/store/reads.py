@@ -130,8 +130,10 @@ class ReadsStore(StoreBase):
         with self._read() as session:
             conn = session.connection()
             for name in names:
-                query = select(Metric.step, Metric.value, Metric.superseded).where(
-                    col(Metric.job_id) == job_id, col(Metric.name) == name)
+                columns = [Metric.step, Metric.value] + ([Metric.superseded]
+                                                         if include_superseded else [])
+                query = select(*columns).where(col(Metric.job_id) == job_id,
+                                               col(Metric.name) == name)
                 if after_step is not None:
                     query = query.where(col(Metric.step) > after_step)
                 if max_step is not None:
@@ -145,9 +147,17 @@ class ReadsStore(StoreBase):
                 # beyond bool() for SQLite's 0/1.
                 rows = result.cursor.fetchall() if result.cursor is not None else []
                 result.close()
-                if rows:
+                if not rows:
+                    continue
+                found = Series()
+                if include_superseded:
                     steps, values, superseded = zip(*rows, strict=True)
-                    series[name] = Series(list(steps), list(values), list(map(bool, superseded)))
+                    found.superseded = list(map(bool, superseded))
+                else:
+                    steps, values = zip(*rows, strict=True)
+                    found.superseded = [False] * len(steps)
+                found.steps, found.values = list(steps), list(values)
+                series[name] = found
         return series
 
     def metric_counts(self, job_id: int, names: Sequence[str], *,
