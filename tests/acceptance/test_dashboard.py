@@ -564,6 +564,19 @@ def test_cancel_is_for_the_owner_and_forged_posts_are_refused(dashboard: Dashboa
     assert not page.is_visible("[data-testid=cancel]")
     events = dashboard.store.events(mine)
     assert events[-1].to_state == JobState.CANCELLED and (events[-1].details or {})["user"] == "alice"
+
+    # Resume: offered on alice's failed job with a checkpoint, never on bob's. The click goes
+    # to the API (with the CSRF header), which finds the checkpoint's files gone: 409, shown.
+    page.goto(f"{dashboard.url}/ui/jobs/{dashboard.job('failed')}")
+    page.wait_for_selector("#job-stats .stat")
+    assert not page.is_visible("[data-testid=resume]")
+    parent = dashboard.job("parent")
+    before = dashboard.store.resumed_by(parent)  # the seeded child
+    page.goto(f"{dashboard.url}/ui/jobs/{parent}")
+    page.click("[data-testid=resume]")
+    page.click("#confirm-yes")
+    assert "no complete checkpoint" in page.inner_text(".toast.error")
+    assert dashboard.store.resumed_by(parent) == before
     page.close()
 
 
