@@ -181,6 +181,7 @@ def seed(store: Store, home: Path) -> Seeded:
     _run(store, failed, 400)
     store.add_metrics(failed, 1, _curve(range(1, 151), 2, total=400)
                       + _evals(range(100, 151, 100), "mlm", 2))
+    _checkpoint(store, failed, 100, {"eval_loss": 2.5, "eval_accuracy": 0.41})
     store.transition(failed, JobState.FAILED, "error in the job", error=(
         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n(trace)"),
         attempt_ended=("failed", "out of memory"))
@@ -565,8 +566,9 @@ def test_cancel_is_for_the_owner_and_forged_posts_are_refused(dashboard: Dashboa
     events = dashboard.store.events(mine)
     assert events[-1].to_state == JobState.CANCELLED and (events[-1].details or {})["user"] == "alice"
 
-    # Resume: offered on alice's failed job with a checkpoint, never on bob's. The click goes
-    # to the API (with the CSRF header), which finds the checkpoint's files gone: 409, shown.
+    # Resume: offered on alice's failed job with a checkpoint, not on bob's (which has one
+    # too). The click goes to the API (with the CSRF header), which finds the checkpoint's
+    # files gone: 409, shown.
     page.goto(f"{dashboard.url}/ui/jobs/{dashboard.job('failed')}")
     page.wait_for_selector("#job-stats .stat")
     assert not page.is_visible("[data-testid=resume]")
