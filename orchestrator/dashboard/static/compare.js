@@ -32,7 +32,7 @@
     document.getElementById("picked-count").textContent = n + " of " + page.max + " picked";
     const go = document.getElementById("compare-go");
     go.disabled = n < 2 || n > page.max;
-    go.textContent = n > page.max ? "At most " + page.max + " jobs" : "Compare " + (n || "") + " jobs";
+    go.textContent = n > page.max ? "At most " + page.max + " jobs" : n ? "Compare " + n + " jobs" : "Compare";
   }
 
   search.addEventListener("input", renderPicker);

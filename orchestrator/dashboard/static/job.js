@@ -26,7 +26,7 @@
     document.getElementById("cancel-btn").classList.toggle("hidden", !job.can_cancel);
     document.getElementById("resume-btn").classList.toggle("hidden", !job.can_resume);
     document.getElementById("live-indicator").classList.toggle("hidden", !isActive());
-    const step = job.step === null ? "–" : String(job.step);
+    const step = job.step === null ? (job.total_steps ? "0" : "–") : String(job.step);
     const total = job.total_steps ? " / " + job.total_steps : "";
     document.getElementById("job-stats").replaceChildren(
       stat("Progress", step + total, null, orch.progress(job.step, job.total_steps, job.state, true)),
@@ -40,7 +40,8 @@
     const banner = document.getElementById("job-banner");
     const parts = [];
     if (job.state === "queued" && job.wait_reason) {
-      parts.push(el("div", {class: "banner banner-info", "data-testid": "wait-reason"}, "Waiting: " + job.wait_reason));
+      parts.push(el("div", {class: "banner banner-info", "data-testid": "wait-reason"},
+        el("strong", {text: "In the queue: "}), job.wait_reason));
     }
     if (job.error_full) parts.push(el("div", {class: "banner banner-error", text: job.error_full}));
     if (job.resumed_by && job.resumed_by.length) {
@@ -68,6 +69,7 @@
                         onclick: (e) => orch.copy(c.path, e.currentTarget)}, "Copy"))));
     });
     document.getElementById("checkpoints-body").replaceChildren(...rows);
+    document.getElementById("checkpoints-table").classList.toggle("hidden", rows.length === 0);
     document.getElementById("checkpoints-empty").classList.toggle("hidden", rows.length > 0);
   }
 
@@ -123,7 +125,7 @@
     for (const key of Object.keys(charts)) delete charts[key];
     box.replaceChildren();
     if (!data.panels.length) {
-      box.append(el("div", {class: "card chart-card skeleton", text: isActive()
+      box.append(el("div", {class: "card chart-card skeleton wide", text: isActive()
         ? "No metrics yet: curves appear with the first logged step." : "This job recorded no metrics."}));
     }
     for (const panel of data.panels) {

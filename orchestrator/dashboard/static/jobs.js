@@ -78,7 +78,7 @@
       el("td", {text: job.owner}),
       el("td", {class: "col-progress"}, orch.progress(job.step, job.total_steps, job.state)),
       el("td", {class: "num", text: String(job.gpus)}),
-      el("td", {class: "small"},
+      el("td", {class: "small nowrap"},
         el("div", {}, el("span", {class: "muted", text: "queued "}), orch.duration(job.queued_for)),
         ran ? el("div", {}, el("span", {class: "muted", text: "ran "}), ran) : null),
       el("td", {class: "num", text: orch.number(job.train_loss)}),
