@@ -38,8 +38,9 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
-from sqlalchemy import insert  # noqa: E402
+from sqlalchemy import insert, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
+from sqlmodel import col  # noqa: E402
 
 from orchestrator.cluster import Capacity  # noqa: E402
 from orchestrator.executor import RayJobInfo, RayStatus  # noqa: E402
@@ -104,8 +105,7 @@ def fill(store: Store, jobs: int, curve_jobs: int, rows: int) -> list[int]:
                     "started_at": now if state != "queued" else None,
                     "finished_at": now if state.is_terminal else None})
             conn.execute(insert(Job), batch)
-        ids = [r[0] for r in conn.execute(Job.__table__.select().with_only_columns(Job.id)
-                                          .order_by(Job.id))]
+        ids = [int(i or 0) for (i,) in conn.execute(select(col(Job.id)).order_by(col(Job.id)))]
         conn.execute(insert(JobEvent), [{"job_id": j, "from_state": None,
                                          "to_state": JobState.QUEUED, "reason": "submitted",
                                          "at": now, "details": {"user": "bench"}} for j in ids])
@@ -114,20 +114,20 @@ def fill(store: Store, jobs: int, curve_jobs: int, rows: int) -> list[int]:
     per_step = 3
     steps = rows // per_step
     for job_id in chosen:
-        batch: list[dict[str, Any]] = []
+        rows_of_job: list[dict[str, Any]] = []
         for step in range(1, steps + 1):
-            batch += [{"job_id": job_id, "attempt": 1, "step": step, "name": "train_loss",
+            rows_of_job += [{"job_id": job_id, "attempt": 1, "step": step, "name": "train_loss",
                        "value": 3.0 / (1 + step / 1000), "at": now, "superseded": False},
                       {"job_id": job_id, "attempt": 1, "step": step, "name": "learning_rate",
                        "value": 3e-4 * (1 - step / steps), "at": now, "superseded": False},
                       {"job_id": job_id, "attempt": 1, "step": step, "name": "grad_norm",
                        "value": 1.0 + (step % 7) / 10, "at": now, "superseded": False}]
             if step % 500 == 0:
-                batch.append({"job_id": job_id, "attempt": 1, "step": step, "name": "eval_loss",
+                rows_of_job.append({"job_id": job_id, "attempt": 1, "step": step, "name": "eval_loss",
                               "value": 2.5 / (1 + step / 2000), "at": now, "superseded": False})
         with store.engine.begin() as conn:
-            for start in range(0, len(batch), 20_000):
-                conn.execute(insert(Metric), batch[start:start + 20_000])
+            for start in range(0, len(rows_of_job), 20_000):
+                conn.execute(insert(Metric), rows_of_job[start:start + 20_000])
     return chosen
 
 
@@ -194,7 +194,8 @@ def main() -> int:
             ("Jobs page (/)", "/"),
             ("jobs JSON, newest 50 (polled)", "/ui/api/jobs"),
             ("jobs JSON, queued only", "/ui/api/jobs?state=queued"),
-            ("jobs JSON, one owner, page 20", f"/ui/api/jobs?owner=user3&before={args.jobs - 1000}"),
+            ("jobs JSON, one owner, page 20",
+             f"/ui/api/jobs?owner=user3&before={max(1, args.jobs - 1000)}"),
             ("Job page", f"/ui/jobs/{a}"),
             ("job JSON (polled)", f"/ui/api/jobs/{a}"),
             ("curves, 100k rows -> bounded", f"/ui/api/jobs/{a}/curves"),

@@ -254,10 +254,10 @@ def job_curves(store: Store, job: Job, *, include_superseded: bool = False,
     curves = {n: _bounded(steps, values, max_points)
               for n, (steps, values) in live.items() if steps}
     extra = {}
-    for name, points in rolled_back.items():
-        if points and include_superseded:
-            points.sort()
-            extra[name] = _bounded([p[0] for p in points], [p[1] for p in points], max_points)
+    for name, old in rolled_back.items():
+        if old and include_superseded:
+            old.sort()
+            extra[name] = _bounded([p[0] for p in old], [p[1] for p in old], max_points)
     last_step = max((steps[-1] for steps, _ in live.values() if steps), default=after_step)
     return {
         "job_id": job.id,

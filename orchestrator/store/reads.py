@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import bindparam, func, select, text
 from sqlmodel import col
@@ -20,7 +21,7 @@ from orchestrator.store.base import StoreBase
 MAX_LINEAGE = 100  # parent links followed at most (a chain of resumes, not a cycle)
 # Built once and run with new parameters for each (job, metric) of a page: building a
 # statement costs more than running this one.
-_LATEST_VALUE = (select(Metric.step, Metric.value)
+_LATEST_VALUE = (select(col(Metric.step), col(Metric.value))
                  .where(col(Metric.job_id) == bindparam("job"),
                         col(Metric.name) == bindparam("name"), ~col(Metric.superseded))
                  .order_by(col(Metric.step).desc(), col(Metric.attempt).desc(),
@@ -81,7 +82,7 @@ class ReadsStore(StoreBase):
 
     def job_counts(self, owner: str | None = None) -> dict[JobState, int]:
         """How many jobs are in each state (states with none are left out)."""
-        query = select(Job.state, func.count()).group_by(col(Job.state))
+        query = select(col(Job.state), func.count()).group_by(col(Job.state))
         if owner is not None:
             query = query.where(col(Job.owner) == owner)
         with self._read() as session:
@@ -89,7 +90,7 @@ class ReadsStore(StoreBase):
 
     def job_owners(self, limit: int = 500) -> list[str]:
         """Owners of jobs, alphabetically."""
-        query = select(Job.owner).distinct().order_by(col(Job.owner)).limit(limit)
+        query = select(col(Job.owner)).distinct().order_by(col(Job.owner)).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
 
@@ -130,8 +131,9 @@ class ReadsStore(StoreBase):
         with self._read() as session:
             conn = session.connection()
             for name in names:
-                columns = [Metric.step, Metric.value] + ([Metric.superseded]
-                                                         if include_superseded else [])
+                columns: list[Any] = [col(Metric.step), col(Metric.value)]
+                if include_superseded:
+                    columns.append(col(Metric.superseded))
                 query = select(*columns).where(col(Metric.job_id) == job_id,
                                                col(Metric.name) == name)
                 if after_step is not None:
@@ -163,7 +165,7 @@ class ReadsStore(StoreBase):
     def metric_counts(self, job_id: int, names: Sequence[str], *,
                       include_superseded: bool = False) -> dict[str, int]:
         """name -> how many values of it the job has (live ones unless asked)."""
-        query = (select(Metric.name, func.count())
+        query = (select(col(Metric.name), func.count())
                  .where(col(Metric.job_id) == job_id, col(Metric.name).in_(list(names)))
                  .group_by(col(Metric.name)))
         if not include_superseded:
@@ -190,6 +192,6 @@ class ReadsStore(StoreBase):
 
     def resumed_by(self, job_id: int) -> list[int]:
         """Ids of the jobs that resume this one."""
-        query = select(Job.id).where(col(Job.parent_job_id) == job_id).order_by(col(Job.id))
+        query = select(col(Job.id)).where(col(Job.parent_job_id) == job_id).order_by(col(Job.id))
         with self._read() as session:
-            return [int(i) for i in session.scalars(query)]
+            return [int(i or 0) for i in session.scalars(query)]
