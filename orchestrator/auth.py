@@ -82,7 +82,8 @@ class Worker:
 
 def open_to_all(app: FastAPI, *paths: str) -> None:
     """Let requests for these paths through without a credential (`/health`; a dashboard's
-    login page). A path ending in "/" opens everything under it. Every other path needs a
+    login page). A path ending in "/" (but "/" itself) opens everything under it. Every
+    other path needs a
     credential, so a route added later is closed unless it is opened here."""
     app.state.open_paths = (*getattr(app.state, "open_paths", ()), *paths)
 
@@ -222,7 +223,9 @@ def is_worker_path(path: str) -> bool:
 def _is_open(scope: Scope) -> bool:
     path: str = scope["path"]
     opened = getattr(getattr(scope.get("app"), "state", None), "open_paths", ())
-    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in opened)
+    # "/" opens the root page only, never everything (every path starts with "/").
+    return any(path == p or (p.endswith("/") and p != "/" and path.startswith(p))
+               for p in opened)
 
 
 class BodyTooLarge(HTTPException):

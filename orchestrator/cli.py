@@ -418,6 +418,11 @@ def server(host: str, port: int | None, auth: str | None) -> None:
     serve(host, port or local_port())
 
 
+from orchestrator.commands.dashboard import dashboard  # noqa: E402  (the module imports cli's helpers)
+
+cli.add_command(dashboard)
+
+
 def main() -> None:
     cli()
 

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from orchestrator.cluster import Capacity
@@ -144,27 +144,51 @@ class Scheduler:
 
     def wait_reason(self, job: Job) -> str:
         """Why a queued job is still waiting, in words for `orch status`."""
+        assert job.id is not None
+        return self.wait_reasons([job])[job.id]
+
+    def wait_reasons(self, jobs: Sequence[Job]) -> dict[int, str]:
+        """`wait_reason` of several queued jobs (a page of the dashboard) with one walk of the
+        queue, however many jobs are asked about."""
         held, caps = self._owner_gpus(), self._caps()
-        if self._capped(job, held, caps):
-            return (f"waiting for {job.owner}'s other jobs: they hold {held[job.owner]} GPUs "
-                    f"and the per-user cap is {self._cap_of(job.owner, caps)}")
-        if self.unreachable_since is not None:
-            down = time.monotonic() - self.unreachable_since
-            return f"waiting for the Ray cluster, unreachable for {down:.0f}s"
-        ahead = 0
-        for queued in self.queue():
-            if queued.id == job.id:
-                break
-            ahead += 0 if self._capped(queued, held, caps) else 1
         free = self.free()
-        parts = []
-        if job.gpus > free.gpus:
-            parts.append(f"waiting for {job.gpus} GPU{'s' * (job.gpus != 1)}: {free.gpus} free")
-        if job.cpus > free.cpus:
-            parts.append(f"waiting for {job.cpus} CPU{'s' * (job.cpus != 1)}: {free.cpus} free")
-        if ahead:
-            parts.append(f"{ahead} job{'s' * (ahead != 1)} ahead")
-        return ", ".join(parts) or "about to be admitted"
+        reasons: dict[int, str] = {}
+        walk: set[int] = set()
+        for job in jobs:
+            assert job.id is not None
+            if self._capped(job, held, caps):
+                reasons[job.id] = (f"waiting for {job.owner}'s other jobs: they hold "
+                                   f"{held[job.owner]} GPUs and the per-user cap is "
+                                   f"{self._cap_of(job.owner, caps)}")
+            elif self.unreachable_since is not None:
+                down = time.monotonic() - self.unreachable_since
+                reasons[job.id] = f"waiting for the Ray cluster, unreachable for {down:.0f}s"
+            else:
+                walk.add(job.id)
+        ahead_of: dict[int, int] = {}
+        ahead = 0
+        if walk:
+            for queued in self.queue():
+                if queued.id in walk:
+                    ahead_of[int(queued.id)] = ahead
+                    if len(ahead_of) == len(walk):
+                        break
+                ahead += 0 if self._capped(queued, held, caps) else 1
+        for job in jobs:
+            if job.id not in walk:
+                continue
+            before = ahead_of.get(int(job.id), ahead)
+            parts = []
+            if job.gpus > free.gpus:
+                parts.append(f"waiting for {job.gpus} GPU{'s' * (job.gpus != 1)}: "
+                             f"{free.gpus} free")
+            if job.cpus > free.cpus:
+                parts.append(f"waiting for {job.cpus} CPU{'s' * (job.cpus != 1)}: "
+                             f"{free.cpus} free")
+            if before:
+                parts.append(f"{before} job{'s' * (before != 1)} ahead")
+            reasons[int(job.id)] = ", ".join(parts) or "about to be admitted"
+        return reasons
 
     # -- the loop -------------------------------------------------------------------------
     def tick(self) -> None:

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from orchestrator import cluster
+from orchestrator import cluster, dashboard
 from orchestrator.auth import AuthGate, open_to_all
 from orchestrator.cluster import Capacity
 from orchestrator.errors import OrchError, ProblemsError, SettingsError
@@ -146,6 +146,7 @@ def create_app(plane: ControlPlane | None = None, server_url: str | None = None,
     app.include_router(jobs.router)
     app.include_router(users.router)
     app.include_router(worker.router)
+    dashboard.install(app)  # the web UI at /, its JSON under /ui/api
 
     @app.exception_handler(OrchError)
     def orch_error(request: Request, exc: OrchError) -> JSONResponse:

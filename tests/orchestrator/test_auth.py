@@ -30,6 +30,7 @@ from orchestrator.auth import (
     current_user,
 )
 from orchestrator.cluster import Capacity
+from orchestrator.dashboard import OPEN_PATHS
 from orchestrator.errors import SettingsError
 from orchestrator.local_token import LocalTokenRefused, ensure_local_token, read_local_token
 from orchestrator.server import ControlPlane, check_start, create_app
@@ -61,6 +62,13 @@ def test_every_route_but_health_needs_a_valid_token(team: tuple[TestClient, Head
     client, headers = team
     routes = every_route(client.app)
     assert ("GET", "/docs") in routes and ("POST", "/users") in routes  # nothing left out
+    # The dashboard's open pages authenticate themselves (they redirect to the login page and
+    # show nothing without a session: tests/orchestrator/dashboard/test_session.py).
+    dashboard = [p for p in OPEN_PATHS if p != "/"]
+    routes = [(m, p) for m, p in routes
+              if not (p == "/" or p in OPEN_PATHS or any(p.startswith(d) for d in dashboard
+                                                          if d.endswith("/")))]
+    assert ("GET", "/ui/api/jobs") in routes  # the dashboard's JSON is closed like the API
     for method, path in routes:
         for sent in ({}, {"Authorization": "Bearer orch_u_wrong"},
                      {"Authorization": "Bearer orch_w_wrong"}, {"X-Orch-User": "root"}):

@@ -333,3 +333,22 @@ def test_the_queue_is_read_in_pages_in_admission_order(store: Store, fake: FakeE
     assert [state(store, j) for j in jobs] == ["queued", "pending", "queued", "pending", "pending"]
     assert sched.wait_reason(store.get_job(jobs[2])) == (  # type: ignore[arg-type]
         "waiting for 1 GPU: 0 free, 1 job ahead")
+
+
+def test_wait_reasons_of_a_page_match_each_jobs_own(store: Store, fake: FakeExecutor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import orchestrator.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "QUEUE_PAGE", 2)  # the walk spans pages
+    sched = Scheduler(store, fake, Capacity(gpus=2, cpus=64, nodes=1), user_gpu_cap=2)
+    add_job(store, gpus=2, owner="ann")
+    sched.tick()  # ann holds both GPUs
+    queued = [add_job(store, gpus=g, owner=o, priority=p)
+              for g, o, p in ((1, "bob", 0), (1, "ann", 9), (2, "bob", 1), (1, "cy", 0))]
+    jobs = [store.require_job(j) for j in queued]
+    one_by_one = {j.id: sched.wait_reason(j) for j in jobs}
+    assert sched.wait_reasons(jobs) == one_by_one
+    assert sched.wait_reasons(list(reversed(jobs))) == one_by_one
+    assert one_by_one[queued[1]].startswith("waiting for ann's other jobs")  # capped: not ahead
+    assert one_by_one[queued[3]] == "waiting for 1 GPU: 0 free, 2 jobs ahead"
+    assert sched.wait_reasons([]) == {}
