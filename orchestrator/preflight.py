@@ -182,6 +182,18 @@ def check_storage(spec: JobSpec) -> list[str]:
     return []
 
 
+def check_adapter(spec: JobSpec) -> list[str]:
+    """An `adapter:` section fits the model (its target modules exist, from the model built
+    on the meta device) and this machine (qlora needs CUDA and bitsandbytes)."""
+    if spec.adapter is None:
+        return []
+    with _TRANSFORMERS_LOCK:
+        from workers.adapters import check_adapter
+
+        return check_adapter(spec)
+
+
 def preflight(spec: JobSpec) -> list[str]:
     """All cheap checks; an empty list means the spec is ready to run."""
-    return check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)
+    return (check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)
+            + check_adapter(spec))
