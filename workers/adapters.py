@@ -353,7 +353,9 @@ def load_for_inference(
         str(location), Path(tempfile.mkdtemp(prefix="orch-model-")))
     if not local.is_dir():
         raise FileNotFoundError(f"no model directory at {location}")
-    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    # Saved with every checkpoint and final model; an adapter without one (e.g. the one kept
+    # inside a merged model) uses its base model's.
+    has_tokenizer = (local / "tokenizer_config.json").is_file()
     if (local / ADAPTER_CONFIG).is_file():
         from peft import PeftModel
 
@@ -366,6 +368,7 @@ def load_for_inference(
         model: Any = PeftModel.from_pretrained(base, str(local))
         if merge:
             model = model.merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if has_tokenizer else base_path)
         loaded = LoadedModel(model, tokenizer, "adapter", base_path)
     else:
         model_class = _model_class(objective, AutoConfig.from_pretrained(str(local)))
@@ -373,6 +376,7 @@ def load_for_inference(
         merged_from = local / MERGED_ADAPTER_DIR / ADAPTER_CONFIG
         base_path = (json.loads(merged_from.read_text()).get("base_model_name_or_path")
                      if merged_from.is_file() else None)
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
         loaded = LoadedModel(model, tokenizer, "merged" if base_path else "full", base_path)
     if device is not None:
         loaded.model.to(device)

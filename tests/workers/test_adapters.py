@@ -228,6 +228,57 @@ def test_masked_lm_head_stays_tied_and_frozen_or_trains_when_untied(tmp_path: Pa
     assert config["modules_to_save"] == ["cls.predictions"]
 
 
+DATA_PARALLEL_WORKER = """
+import hashlib, json, sys
+from pathlib import Path
+import torch
+from transformers import TrainerCallback
+from orchestrator.spec import load_spec
+from workers.training import rank, run_training
+
+class Fingerprint(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        lora = b"".join(p.detach().numpy().tobytes() for n, p in model.named_parameters()
+                        if "lora_" in n)
+        print("ADAPTER", rank(), hashlib.sha256(lora).hexdigest(), flush=True)
+
+spec, _ = load_spec(sys.argv[1], json.loads(sys.argv[2]))
+run_training(spec, Path(sys.argv[3]), callbacks=[Fingerprint()])
+"""
+
+
+def test_two_data_parallel_workers_train_one_adapter_and_rank_0_merges(tmp_path: Path) -> None:
+    # torchrun starts the process group, as Ray Train does for orch's data-parallel jobs; the
+    # Trainer wraps the peft model in DDP (gloo). Both ranks write into one output dir.
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(DATA_PARALLEL_WORKER)
+    sets = [*TINY, *EXTRA["gpt2_clm.yaml"], "training.max_steps=2", "training.eval_steps=null",
+            "training.save_steps=null", "dataset.eval_files=null", "adapter.merge=true",
+            "resources.workers=2", "resources.cpus=1"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", str(script),
+         str(JOBS / "gpt2_clm.yaml"), json.dumps(sets), str(tmp_path / "run")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOBS.parent)},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prints = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ADAPTER"))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"]  # one adapter, kept in sync
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {adapters.ADAPTER_WEIGHTS, "rng_state_0.pth", "rng_state_1.pth"} <= files
+    assert "model.safetensors" not in files and storage.is_complete_checkpoint(checkpoint)
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file()
+    assert (final / adapters.MERGED_ADAPTER_DIR / adapters.ADAPTER_WEIGHTS).is_file()
+    assert not list((tmp_path / "run").glob(".final.merging"))
+    assert adapters.load_for_inference(final).kind == "merged"
+
+
 # ---------------------------------------------------------------------------------------
 # Refused at validate
 
