@@ -11,9 +11,12 @@ Measured per run:
                 block, every position of every packed batch
   cpu_ms/token  process CPU time over the same steps per token (all threads): less noisy
                 than wall time on a shared machine
-  peak memory   on CPU the process's peak RSS (and RSS when training starts, after the model
-                loaded, so the difference is what training adds: gradients, optimizer
-                state, activations); on a GPU torch.cuda.max_memory_allocated
+  train state   bytes of the parameters, their gradients (the trainable ones) and the
+                optimizer's state, counted from the tensors: what the method changes,
+                exactly, whatever else the process holds
+  peak memory   on CPU the process's peak RSS over the training steps (and its RSS when
+                training starts, after the model loaded: the difference is gradients,
+                optimizer state and activations); on a GPU torch.cuda.max_memory_allocated
   checkpoint    size of the checkpoint the run saves at its last step (weights or adapter,
                 optimizer state, RNG, trainer state)
 
@@ -69,6 +72,17 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def _train_state_mib(model: Any, optimizer: Any) -> float:
+    import torch
+
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)  # gradients
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total / 2**20
+
+
 def measure(model_dir: str, method: str, device: str, steps: int, warmup: int, batch: int,
             block: int) -> dict[str, Any]:
     """One run, in this process (the parent starts a fresh one per run)."""
@@ -108,6 +122,9 @@ def measure(model_dir: str, method: str, device: str, steps: int, warmup: int, b
                 key = "start" if state.global_step == warmup else "end"
                 clock[f"wall_{key}"] = time.perf_counter()
                 clock[f"cpu_{key}"] = time.process_time()
+            if state.global_step == steps:  # before the final checkpoint is written
+                clock["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                clock["state_mib"] = _train_state_mib(kwargs["model"], kwargs["optimizer"])
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -123,7 +140,8 @@ def measure(model_dir: str, method: str, device: str, steps: int, warmup: int, b
         "trainable_fraction": round(clock["fraction"], 5),
         "steps_timed": steps - warmup, "tokens_per_s": round(tokens / wall, 1),
         "cpu_ms_per_token": round(1000 * cpu / tokens, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "train_state_mib": round(clock["state_mib"], 1),
+        "peak_rss_mib": round(clock["peak_rss_mib"]),
         "rss_at_start_mib": round(clock["rss_start_mib"]),
         "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if gpu else None,
         "checkpoint_mib": round(size / 2**20, 3),
@@ -179,6 +197,7 @@ def main() -> None:
                 memory = (f"CUDA peak {row['cuda_peak_mib']} MiB" if gpu else
                           f"peak RSS {row['peak_rss_mib']} MiB "
                           f"(at train start {row['rss_at_start_mib']})")
+                memory = f"train state {row['train_state_mib']} MiB, {memory}"
                 print(f"{size:6s} {method:5s} {row['params_m']}M params, trainable "
                       f"{row['trainable_fraction']:.3%}: {row['tokens_per_s']} tokens/s, "
                       f"{row['cpu_ms_per_token']} CPU ms/token, {memory}, checkpoint "

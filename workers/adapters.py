@@ -56,11 +56,13 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **{name: ["q_proj", "k_proj", "v_proj", "out_proj"]
        for name in ("bart", "mbart", "marian", "pegasus", "opt")},
     **{name: ["q_proj", "k_proj", "v_proj", "o_proj"]
-       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+       for name in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "phi3": ["qkv_proj", "o_proj"],
 }
 
-# Layer types LoRA can adapt (peft's LoRA supports these; GPT-2-style models use Conv1D).
+
 def _adaptable_types() -> tuple[type[nn.Module], ...]:
+    """Layer types LoRA can adapt (peft's LoRA supports these; GPT-2 style models use Conv1D)."""
     from transformers.pytorch_utils import Conv1D
 
     return (nn.Linear, Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d)
@@ -140,8 +142,9 @@ def target_problems(spec: JobSpec, model: nn.Module) -> list[str]:
         return []
     missing = [t for t in targets if not names_matching(t, names)]
     if missing:
-        return [f"adapter.target_modules: no Linear/Conv1D layer named {', '.join(missing)} in "
-                f"{spec.model}; layers that can be adapted: {_short_names(names)}"]
+        return [f"adapter.target_modules: no Linear/Conv1D/Embedding layer named "
+                f"{', '.join(missing)} in {spec.model}; layers that can be adapted: "
+                f"{_short_names(names)}"]
     return []
 
 
@@ -233,8 +236,11 @@ def wrap(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError("; ".join(problems))
     if adapter.method == "qlora":
         # Norms and the output layer in fp32, inputs requiring grad, gradient checkpointing:
-        # what training through a frozen 4-bit base needs.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        # what training through a frozen 4-bit base needs. Non-reentrant checkpointing: the
+        # reentrant kind breaks DDP's gradient hooks on a partly frozen model.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(
         r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
         target_modules=target_modules(spec, model), task_type=_task_type(spec.objective),
