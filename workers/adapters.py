@@ -241,10 +241,13 @@ def wrap(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = target_modules(spec, model)
     config = LoraConfig(
         r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-        target_modules=target_modules(spec, model), task_type=_task_type(spec.objective),
+        target_modules=targets, task_type=_task_type(spec.objective),
         modules_to_save=modules_to_save(spec, model) or None,
+        # Conv1D (GPT-2) stores its weight transposed; peft would switch this on itself, warning.
+        fan_in_fan_out=_targets_conv1d(model, targets),
     )
     # The adapter's A matrices are initialised at random: from the job's seed, whatever ran
     # before, so a run is reproducible (and equals a plain peft script that seeds here).
@@ -255,6 +258,15 @@ def wrap(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
              adapter.method, adapter.r, config.target_modules, trainable, total,
              100.0 * trainable / max(total, 1))
     return wrapped  # type: ignore[return-value]
+
+
+def _targets_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(targets, str):
+        return False
+    return any(isinstance(module, Conv1D) and any(names_matching(t, [name]) for t in targets)
+               for name, module in model.named_modules())
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
