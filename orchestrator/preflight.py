@@ -225,10 +225,25 @@ def check_storage(spec: JobSpec) -> list[str]:
     return []
 
 
-def preflight(spec: JobSpec, rules: Rules | None = None) -> list[str]:
+def check_adapter(spec: JobSpec, this_machine_trains: bool = True) -> list[str]:
+    """An `adapter:` section fits the model (its target modules exist, from the model built
+    on the meta device) and, where this machine is the one that trains, this machine (qlora
+    needs CUDA and bitsandbytes)."""
+    if spec.adapter is None:
+        return []
+    with _TRANSFORMERS_LOCK:
+        from workers.adapters import check_adapter
+
+        return check_adapter(spec, this_machine_trains)
+
+
+def preflight(spec: JobSpec, rules: Rules | None = None,
+              this_machine_trains: bool = True) -> list[str]:
     """All cheap checks; an empty list means the spec is ready to run. The sandbox rules
     (this process's, unless given) come first: while any field reaches outside them, those
-    are the only problems reported and nothing is opened."""
+    are the only problems reported and nothing is opened. `this_machine_trains`: false on a
+    control plane whose cluster is elsewhere, which skips the checks of this machine's GPUs."""
     if outside := (rules or current_rules()).problems(spec):
         return outside
-    return check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)
+    return (check_dataset(spec) + check_model_and_tokenizer(spec) + check_storage(spec)
+            + check_adapter(spec, this_machine_trains))

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -244,6 +244,40 @@ class CheckpointsSpec(_Section):
         return self
 
 
+class AdapterSpec(_Section):
+    """Train a small adapter instead of every weight (peft). The base model stays frozen."""
+
+    # lora: low-rank matrices beside the chosen layers of a float base model. qlora: the same
+    # on a base loaded in 4 bits (bitsandbytes, NF4), which needs CUDA GPUs.
+    method: Literal["lora", "qlora"] = "lora"
+    # Rank of the low-rank update; the update is scaled by alpha / r.
+    r: StrictInt = Field(default=16, gt=0, le=65536)
+    alpha: float = Field(default=32, gt=0, le=1e6)
+    # Dropout on the adapter's input, in [0, 1).
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # Names (or dotted name suffixes) of the Linear/Conv1D layers to adapt, or "all-linear";
+    # null: the architecture's attention projections (checked against the model at validate).
+    target_modules: (Annotated[list[str], Field(max_length=MAX_LIST)] | Literal["all-linear"]
+                     | None) = None
+    # true: `final` is the adapter merged into the base, a plain full model; false: `final`
+    # is the adapter (+ tokenizer), which names its base model.
+    merge: StrictBool = False
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            value = [value]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("empty; name at least one module (e.g. [c_attn]) or leave it "
+                                 "null for the architecture's default")
+            blank = [v for v in value if not isinstance(v, str) or not v.strip()]
+            if blank:
+                raise ValueError(f"module names must be non-empty strings (got {blank!r})")
+        return value
+
+
 # Metrics each objective's evaluation produces (names as recorded, with the eval_ prefix).
 OBJECTIVE_METRICS: dict[Objective, tuple[str, ...]] = {
     Objective.CLM: ("eval_loss", "eval_perplexity"),
@@ -272,6 +306,8 @@ class JobSpec(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
+    # Parameter-efficient fine-tuning (LoRA / QLoRA); null trains every weight.
+    adapter: AdapterSpec | None = None
     # Higher runs first. A 32-bit integer (the store's column).
     priority: StrictInt = Field(default=0, ge=-INT32 - 1, le=INT32)
     # Extra attempts after an infrastructure failure (worker process killed, node or cluster
@@ -350,6 +386,25 @@ class JobSpec(_Section):
             raise _Problems([f"{where}: holds a NUL character (\\0); remove it"
                              for where in found[:10]])
         return data
+
+    @model_validator(mode="after")
+    def _adapter_rules(self) -> JobSpec:
+        adapter = self.adapter
+        if adapter is None or adapter.method != "qlora":
+            return self
+        problems = []
+        if self.resources.gpus < 1:
+            problems.append(
+                "adapter.method: qlora loads the base model in 4 bits with bitsandbytes, which "
+                f"needs a CUDA GPU; set resources.gpus: 1 or more (got {self.resources.gpus}) "
+                "or use method: lora"
+            )
+        if self.training.strategy == "fsdp":
+            problems.append("adapter.method: qlora is not supported with training.strategy fsdp; "
+                            "use ddp (every worker holds the 4-bit base) or method: lora")
+        if problems:
+            raise _Problems(problems)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
@@ -436,6 +491,9 @@ def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
         if field is None:
             return []
         current = field.annotation
+        # An optional section (`AdapterSpec | None`): the model inside the union.
+        current = next((a for a in getattr(current, "__args__", ()) if hasattr(a, "model_fields")),
+                       current)
     return sorted(getattr(current, "model_fields", {}))
 
 

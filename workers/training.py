@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec, Objective, Precision
-from workers import storage
+from workers import adapters, storage
 from workers.data import load_splits
 from workers.objectives import ObjectiveModule, get_objective, max_positions
 from workers.storage import CHECKPOINTS_DIR, FINAL_DIR, RESUME_DIR, STAGING_DIR
@@ -257,6 +257,24 @@ class FinalStepFlow(TrainerCallback):
         return control
 
 
+class TrainableParameters(TrainerCallback):
+    """Logs `trainable_params` and `trainable_params_fraction` at step 0 of a fresh run,
+    through the Trainer's own log, so they reach every callback (and the store) like any
+    other metric: 1.0 for a full fine-tune, the adapter's share with one."""
+
+    def __init__(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        self.trainer = trainer
+        # Counted now, before DDP or FSDP wraps (and FSDP shards) the model.
+        self.trainable, self.total = adapters.trainable_parameters(model)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step > 0:  # resumed: step 0 has them already
+            return
+        self.trainer.log({"trainable_params": self.trainable,
+                          "trainable_params_fraction": self.trainable / max(self.total, 1)})
+
+
 def _check_lengths(spec: JobSpec, model: PreTrainedModel) -> None:
     limit = max_positions(model)
     if limit is None:
@@ -308,6 +326,8 @@ def run_training(
     objective.prepare_tokenizer(spec, tokenizer)
     model = objective.load_model(spec)
     _check_lengths(spec, model)
+    if spec.adapter is not None:
+        model = adapters.wrap(spec, model)  # base frozen, a LoRA adapter to train
     train_ds, eval_ds = objective.preprocess(spec, tokenizer, train_raw, eval_raw)
     has_eval = eval_ds is not None
 
@@ -336,6 +356,8 @@ def run_training(
             *callbacks,
         ],
     )
+    # Last: the reporter (among `callbacks`) must have started the run before anything logs.
+    trainer.add_callback(TrainableParameters(trainer, model))
     trainer._orch_unmask = spec.objective == Objective.MLM  # type: ignore[attr-defined]
     trainer._orch_upload_to = storage.join(upload_to, CHECKPOINTS_DIR) if upload_to else None  # type: ignore[attr-defined]
     if os.environ.get("ORCH_RECORD_SAMPLES") and rank() == 0:
@@ -355,17 +377,20 @@ def run_training(
         assert last is not None
         final_metrics = last[1]
 
-    final_dir = save_final_model(trainer, output_dir, upload_to)
+    final_dir = save_final_model(trainer, output_dir, upload_to,
+                                 merge=spec if spec.adapter and spec.adapter.merge else None)
     shutil.rmtree(output_dir / RESUME_DIR, ignore_errors=True)
     log.info("job %s: trained %d steps in %.1fs; final model at %s; %s", spec.name,
              trainer.state.global_step, time.monotonic() - started, final_dir, final_metrics)
     return final_metrics
 
 
-def save_final_model(trainer: Trainer, output_dir: Path, upload_to: str | None) -> str:
+def save_final_model(trainer: Trainer, output_dir: Path, upload_to: str | None,
+                     merge: JobSpec | None = None) -> str:
     """The trained model, tokenizer and generation config as a plain HF directory (loadable
     with from_pretrained) at output_dir/final, or uploaded to <upload_to>/final. Returns
-    where it is."""
+    where it is. An adapter job's model is its adapter (which names its base model), or with
+    `merge` (the job's spec) the adapter merged into the base, merged by rank 0 alone."""
     if trainer.is_fsdp_enabled:
         # Checkpoints keep FSDP's sharded state dict (fast, resumable); the final model is
         # gathered into one full state dict so from_pretrained can load it.
@@ -374,6 +399,9 @@ def save_final_model(trainer: Trainer, output_dir: Path, upload_to: str | None) 
         final_dir = output_dir / FINAL_DIR
         trainer.save_model(str(final_dir))
         barrier()  # with FSDP every rank takes part; the directory is complete after this
+        if merge is not None and rank() == 0:
+            adapters.merge_final(merge, final_dir)
+        barrier()  # the merged model is in place before any rank goes on
         return str(final_dir)
     # Every rank saves into a directory of its own and uploads what it wrote (only rank 0
     # writes files, unless FSDP has every rank write a part).
@@ -386,6 +414,8 @@ def save_final_model(trainer: Trainer, output_dir: Path, upload_to: str | None) 
     barrier()
     trainer.save_model(str(mine))
     barrier()
+    if merge is not None and rank() == 0:
+        adapters.merge_final(merge, mine)
     storage.upload(mine, remote)
     shutil.rmtree(rank_dir, ignore_errors=True)
     barrier()  # the whole final model is uploaded before rank 0 registers it

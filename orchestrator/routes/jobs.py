@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 
+from orchestrator import cluster
 from orchestrator.api import (
     AttemptView,
     CancelResponse,
@@ -108,7 +109,9 @@ def cluster_info(request: Request) -> ClusterInfo:
 def submit(body: SubmitRequest, request: Request, user: CurrentUser) -> JobSummary:
     plane = plane_of(request)
     spec = spec_from_dict(body.spec)
-    problems = preflight(spec, Rules.from_settings(plane.settings))
+    # The cluster's GPUs are not this machine's unless the cluster is local.
+    problems = preflight(spec, Rules.from_settings(plane.settings),
+                         this_machine_trains=cluster.target().local)
     # The store's gpus/cpus are the whole job's (every worker's), which admission counts.
     gpus, cpus = spec.resources.gpus, spec.resources.total_cpus
     if reason := priority_problem(spec.priority, user,

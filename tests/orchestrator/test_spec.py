@@ -299,3 +299,42 @@ def test_deeply_nested_data_from_the_api_is_one_problem() -> None:
         deep = [deep]
     with pytest.raises(SpecError, match="nested too deeply"):
         spec_from_dict({**BASE, "model": deep})  # what the server validates
+
+
+@pytest.mark.parametrize(
+    ("adapter", "expected"),
+    [
+        ({"method": "ia3"}, "adapter.method: must be one of 'lora' or 'qlora' (got 'ia3')"),
+        ({"r": 0}, "adapter.r: must be > 0 (got 0)"),
+        ({"r": 4.5}, "adapter.r: must be a whole number (got 4.5)"),
+        ({"alpha": 0}, "adapter.alpha: must be > 0"),
+        ({"dropout": 1.0}, "adapter.dropout: must be < 1"),
+        ({"dropout": -0.1}, "adapter.dropout: must be >= 0"),
+        ({"target_modules": []}, "adapter.target_modules: empty; name at least one module"),
+        ({"target_modules": ["q", ""]}, "adapter.target_modules: module names must be non-empty"),
+        ({"merge": "yes"}, "adapter.merge:"),
+        ({"rank": 8}, "adapter.rank: unknown key in adapter; allowed keys: alpha, dropout, merge, "
+                      "method, r, target_modules"),
+        ({"method": "qlora"}, "adapter.method: qlora loads the base model in 4 bits with "
+                              "bitsandbytes, which needs a CUDA GPU; set resources.gpus: 1"),
+    ],
+)
+def test_bad_adapter_fields_are_named(adapter: dict, expected: str) -> None:
+    assert expected in problems_of({**BASE, "adapter": adapter})
+
+
+def test_adapter_section_defaults_and_qlora_rules() -> None:
+    assert build_spec(BASE).adapter is None  # no section: every weight trains
+    lora = build_spec({**BASE, "adapter": {}}).adapter
+    assert lora is not None and (lora.method, lora.r, lora.alpha, lora.dropout) == ("lora", 16, 32, 0.05)
+    assert lora.target_modules is None and lora.merge is False
+    one = build_spec(BASE, ["adapter.target_modules=q", "adapter.merge=true"]).adapter
+    assert one is not None and one.target_modules == ["q"] and one.merge is True
+    linear = build_spec(BASE, ["adapter.target_modules=all-linear"]).adapter
+    assert linear is not None and linear.target_modules == "all-linear"
+    qlora = build_spec(BASE, ["adapter.method=qlora", "resources.gpus=1"]).adapter
+    assert qlora is not None and qlora.method == "qlora"
+    assert "qlora is not supported with training.strategy fsdp" in problems_of(
+        BASE, ("adapter.method=qlora", "resources.gpus=2", "training.strategy=fsdp"))
+    # Round trip: the stored spec validates again (the worker reads it back).
+    assert JobSpec.model_validate(build_spec(BASE, ["adapter.r=8"]).to_dict()).adapter.r == 8

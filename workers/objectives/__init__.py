@@ -75,7 +75,10 @@ def get_objective(name: str | Objective) -> ObjectiveModule:
 def load_pretrained(auto_class: Any, spec: JobSpec) -> PreTrainedModel:
     # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"):
     # bf16/fp16 training runs under autocast, and fp32 training needs fp32 weights.
-    return auto_class.from_pretrained(spec.model, dtype=torch.float32)
+    # adapter.method qlora adds a 4-bit quantization of the (frozen) base.
+    from workers.adapters import quantization_kwargs
+
+    return auto_class.from_pretrained(spec.model, dtype=torch.float32, **quantization_kwargs(spec))
 
 
 def texts(batch: dict[str, list[Any]], column: str) -> list[str]:
