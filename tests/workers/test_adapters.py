@@ -24,8 +24,12 @@ from orchestrator import cli  # noqa: E402
 from orchestrator.preflight import preflight  # noqa: E402
 from orchestrator.spec import JobSpec, load_spec  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
-from workers import adapters, storage  # noqa: E402
-from workers.reporting import StoreReporter, latest_complete_checkpoint  # noqa: E402
+from tests.support import AttemptSession, attempt_session  # noqa: E402
+from workers import (  # noqa: E402
+    adapters,
+    attempt,  # noqa: E402
+    storage,
+)
 from workers.training import run_training  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -46,11 +50,14 @@ def tiny(yaml_name: str, *overrides: str) -> JobSpec:
     return spec
 
 
-def new_job(store: Store, spec: JobSpec, root: Path) -> int:
-    job = store.create_job(name=spec.name, objective=spec.objective.value, owner="o",
-                           spec=spec.to_dict(), spec_yaml="", gpus=0, cpus=1, artifact_root=root)
-    assert job.id is not None
-    return job.id
+def run_attempt(session: AttemptSession, job_id: int, *callbacks: Any) -> Path:
+    """The job's attempt, on the worker side, against the session's control plane; returns
+    the job's artifact directory."""
+    client = session.client(job_id)
+    decision = attempt.begin(client, where="here", details={})
+    assert decision.go
+    attempt.train(decision, client, callbacks=callbacks)
+    return Path(session.store.require_job(job_id).artifact_dir)
 
 
 class Losses(TrainerCallback):
@@ -64,8 +71,8 @@ class Losses(TrainerCallback):
             self.by_step[state.global_step] = float(logs["loss"])
 
 
-class Killed(RuntimeError):
-    pass
+class Killed(BaseException):
+    """The worker process dies (not an Exception: the attempt records nothing)."""
 
 
 class DiesAt(TrainerCallback):
@@ -89,10 +96,12 @@ def test_each_objective_trains_a_small_adapter_and_reports_its_share(
 ) -> None:
     spec = tiny(yaml_name, "training.max_steps=8", "training.eval_steps=null",
                 "training.save_steps=null")
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job_id = new_job(store, spec, tmp_path)
-    run_training(spec, tmp_path / "run", callbacks=[StoreReporter(store, job_id, 1, spec)])
+    with attempt_session(tmp_path, spec) as session:
+        run = run_attempt(session, session.job_id)
+        check_adapter_run(session.store, session.job_id, spec, run)
 
+
+def check_adapter_run(store: Store, job_id: int, spec: JobSpec, run: Path) -> None:
     fraction = store.metrics(job_id, "trainable_params_fraction")
     count = store.metrics(job_id, "trainable_params")
     assert [m.step for m in fraction] == [0] and [m.step for m in count] == [0]
@@ -104,44 +113,42 @@ def test_each_objective_trains_a_small_adapter_and_reports_its_share(
     assert evals[-1].value < evals[0].value - 0.01, [m.value for m in evals]
 
     # Base frozen: the checkpoint and the final model hold the adapter, not the model.
-    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-8"
-    final = tmp_path / "run" / "final"
+    checkpoint = run / "checkpoints" / "checkpoint-8"
+    final = run / "final"
     for directory in (checkpoint, final):
         assert (directory / adapters.ADAPTER_WEIGHTS).is_file()
         assert not (directory / "model.safetensors").exists()
     assert storage.is_complete_checkpoint(checkpoint)
     config = json.loads((final / adapters.ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == spec.model
-    store.close()
 
 
 def test_adapter_checkpoint_is_a_fraction_of_the_full_one_and_each_loads(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    sizes = {}
-    for kind, extra in (("full", ["adapter=null"]), ("lora", [])):
-        spec = tiny("gpt2_clm.yaml", "training.max_steps=2", "training.eval_steps=null",
-                    "training.save_steps=null", "dataset.eval_files=null", *extra)
-        job_id = new_job(store, spec, tmp_path)
-        reporter = StoreReporter(store, job_id, 1, spec)
-        run_training(spec, tmp_path / kind, callbacks=[reporter])
-        reporter.final_model(2, str(tmp_path / kind / "final"), {})
-        [checkpoint] = [c for c in store.checkpoints(job_id) if c.kind == "checkpoint"]
-        sizes[kind] = checkpoint.size_bytes
-        assert checkpoint.size_bytes == storage.size_bytes(checkpoint.path)  # from the files
+    sizes, runs = {}, {}
+    specs = {kind: tiny("gpt2_clm.yaml", "training.max_steps=2", "training.eval_steps=null",
+                        "training.save_steps=null", "dataset.eval_files=null", *extra)
+             for kind, extra in (("full", ["adapter=null"]), ("lora", []))}
+    with attempt_session(tmp_path, specs["full"]) as session:
+        for kind, spec in specs.items():
+            job_id = session.job_id if kind == "full" else session.submit(spec)
+            runs[kind] = run_attempt(session, job_id)
+            [checkpoint] = [c for c in session.store.checkpoints(job_id)
+                            if c.kind == "checkpoint"]
+            sizes[kind] = checkpoint.size_bytes
+            assert checkpoint.size_bytes == storage.size_bytes(checkpoint.path)  # from the files
     assert sizes["lora"] < 0.1 * sizes["full"], sizes
 
     # One loader for every kind of output: a full model, an adapter checkpoint, a final adapter.
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
-    full = adapters.load_for_inference(tmp_path / "full" / "final")
+    full = adapters.load_for_inference(runs["full"] / "final")
     assert full.kind == "full" and type(full.model).__name__ == "GPT2LMHeadModel"
-    for location in (tmp_path / "lora" / "checkpoints" / "checkpoint-2", tmp_path / "lora" / "final"):
+    for location in (runs["lora"] / "checkpoints" / "checkpoint-2", runs["lora"] / "final"):
         loaded = adapters.load_for_inference(location, "clm")
         assert loaded.kind == "adapter" and loaded.base_model == str(ASSETS / "models/gpt2-tiny")
         assert loaded.tokenizer("A storm hit Norbury.")["input_ids"]
         assert not loaded.model.training
         with torch.no_grad():
             assert torch.isfinite(loaded.model(input_ids=ids).logits).all()
-    store.close()
 
 
 def test_merged_final_model_equals_base_plus_adapter(tmp_path: Path) -> None:
@@ -176,19 +183,19 @@ def test_resume_from_an_adapter_checkpoint_matches_an_uninterrupted_run(tmp_path
     straight = Losses()
     run_training(spec, tmp_path / "straight", callbacks=[straight])
 
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job_id = new_job(store, spec, tmp_path)
-    out = tmp_path / "interrupted"
-    first = Losses()
-    with pytest.raises(Killed):
-        run_training(spec, out, callbacks=[StoreReporter(store, job_id, 1, spec), first,
-                                           DiesAt(5)])
-    resume = latest_complete_checkpoint(store, job_id)
-    assert resume is not None and resume.step == 4
-    assert (Path(resume.path) / adapters.ADAPTER_WEIGHTS).is_file()
-    resumed = Losses()
-    run_training(spec, out, callbacks=[StoreReporter(store, job_id, 2, spec), resumed],
-                 resume_from_checkpoint=resume.path)
+    first, resumed = Losses(), Losses()
+    with attempt_session(tmp_path / "interrupted", spec) as session:
+        store, job_id = session.store, session.job_id
+        with pytest.raises(Killed):
+            run_attempt(session, job_id, first, DiesAt(5))
+        # The worker restarts within the attempt and resumes from the newest checkpoint.
+        client = session.client()
+        again = attempt.begin(client, where="here", details={})
+        assert again.resume_from is not None and again.resume_from.endswith("checkpoint-4")
+        assert (Path(again.resume_from) / adapters.ADAPTER_WEIGHTS).is_file()
+        attempt.train(again, client, callbacks=[resumed])
+        out = Path(store.require_job(job_id).artifact_dir)
+        live = {c.step: c for c in store.checkpoints(job_id) if c.kind == "checkpoint"}
 
     assert sorted(first.by_step) == [1, 2, 3, 4] and sorted(resumed.by_step) == [5, 6]
     combined = {**first.by_step, **resumed.by_step}
@@ -196,13 +203,11 @@ def test_resume_from_an_adapter_checkpoint_matches_an_uninterrupted_run(tmp_path
         assert combined[step] == pytest.approx(loss, abs=1e-6), step
 
     # keep_last=1 plus the best: the checkpoints the runs passed are gone, files and all.
-    live = {c.step: c for c in store.checkpoints(job_id) if c.kind == "checkpoint"}
     assert 6 in live and set(live) <= {2, 4, 6}, sorted(live)
     deleted = [s for s in (2, 4) if s not in live]
     assert deleted, "retention kept every checkpoint"
     for step in deleted:
         assert not (out / "checkpoints" / f"checkpoint-{step}").exists()
-    store.close()
 
 
 def test_masked_lm_head_stays_tied_and_frozen_or_trains_when_untied(tmp_path: Path) -> None:
