@@ -110,8 +110,10 @@ class StoreReporter(TrainerCallback):
 
     # -- checkpoints -----------------------------------------------------------------------
     def _metrics_at(self, step: int) -> dict[str, float]:
-        steps = [s for s in self._eval_by_step if s <= step]
-        return dict(self._eval_by_step[max(steps)]) if steps else {}
+        # Only an evaluation of this very step describes the checkpoint: an earlier one
+        # (e.g. the untrained step 0 when eval_steps is null) would rank it by another
+        # model's numbers. Without one it has no metrics and is left out of the ranking.
+        return dict(self._eval_by_step.get(step, {}))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:

@@ -178,7 +178,9 @@ def precision_args(spec: JobSpec) -> dict[str, bool]:
         log.warning("training.precision %s needs a CUDA GPU; this run has none, using fp32",
                     wanted.value)
         return {}
-    if wanted == Precision.BF16 and not torch.cuda.is_bf16_supported():
+    # Native support only: by default torch also counts emulation, which pre-Ampere GPUs
+    # offer and which is far slower than fp32 there.
+    if wanted == Precision.BF16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         log.warning("training.precision bf16: this GPU does not support bf16; using fp32")
         return {}
     return {"bf16": True} if wanted == Precision.BF16 else {"fp16": True}

@@ -82,3 +82,25 @@ def test_resumed_runs_leave_one_live_row_per_metric_and_step(tmp_path: Path) -> 
     assert rolled_back <= {(m.name, m.step) for m in live}
     assert store.latest_metrics(job_id)["train_loss"][0] == 6
     store.close()
+
+
+def test_checkpoints_carry_only_an_evaluation_at_their_own_step(tmp_path: Path) -> None:
+    """eval_steps: null, save_steps: 2: the checkpoints at steps 2 and 4 were never evaluated.
+    They must not carry (and be ranked by) the untrained step-0 evaluation."""
+    spec, text = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "training.eval_steps=null",
+                                                    "checkpoints.keep_last=5"])
+    store = Store(f"sqlite:///{tmp_path}/orch.db")
+    job = store.create_job(name=spec.name, objective="clm", owner="o", spec=spec.to_dict(),
+                           spec_yaml=text, gpus=0, cpus=1, artifact_root=tmp_path)
+    assert job.id is not None
+    run_training(spec, tmp_path / "run", callbacks=[StoreReporter(store, job.id, 1, spec)])
+
+    ckpts = {c.step: c for c in store.checkpoints(job.id) if c.kind == "checkpoint"}
+    assert sorted(ckpts) == [2, 4, 6]
+    assert ckpts[2].metrics == {} and ckpts[4].metrics == {}  # no evaluation at 2 or 4
+    evals = {m.step: m.value for m in store.metrics(job.id, "eval_loss")}
+    assert sorted(evals) == [0, 6]
+    assert ckpts[6].metrics["eval_loss"] == pytest.approx(evals[6])
+    # Only the evaluated checkpoint can be the best one.
+    assert [c.step for c in store.checkpoints(job.id) if c.is_best] == [6]
+    store.close()

@@ -1,8 +1,12 @@
 """Causal language modelling (GPT-style): predict each next token of `dataset.text_column`.
 
-Texts are truncated to `training.max_length`, or with `training.packing` concatenated and cut
-into max_length blocks (as transformers' run_clm example does), which wastes no compute on
-padding. Metrics: eval_loss and eval_perplexity.
+Every document ends with eos, and that eos is a target: the model learns where a text ends.
+Texts are truncated to `training.max_length` (a text cut short keeps no eos: it does not end
+there), or with `training.packing` concatenated and cut into max_length blocks whose labels
+are the block itself (transformers' run_clm example), which wastes no compute on padding.
+Unpacked batches are padded and the padding's labels are -100, by position, never by token
+id: GPT-style tokenizers pad with eos, and masking by id would hide every real eos too.
+Metrics: eval_loss and eval_perplexity.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from typing import Any
 from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainingArguments,
+    default_data_collator,
 )
 
 from orchestrator.spec import JobSpec
@@ -43,7 +48,8 @@ def prepare_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None
             "cannot be padded; use a tokenizer that defines one of them"
         )
     # GPT-style tokenizers ship without a pad token. Padding with eos is the usual fix; the
-    # padded positions get label -100 and an attention mask of 0, so they never count.
+    # padded positions get label -100 (by position, see collator) and an attention mask of
+    # 0, so they never count, while real eos tokens stay targets.
     tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -70,33 +76,33 @@ def preprocess(
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        if not packing:
-            return tokenizer(texts(batch, column), truncation=True, max_length=block)
-        # Whole texts (no truncation: packing cuts them into blocks below). An eos between
-        # texts marks where one document ends, unless the tokenizer already appends one.
-        # Blank texts (wikitext-style empty lines) are dropped rather than packed as lone eos.
+        # Blank texts (wikitext-style empty lines) are dropped rather than kept as lone eos.
         docs = [text for text in texts(batch, column) if text.strip()]
         if not docs:
-            return {"input_ids": []}
+            return {"input_ids": [], "labels": []}
+        # Whole texts, each ending with eos (unless the tokenizer appends one itself).
         ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]
         if eos is not None:
             ids = [seq if seq and seq[-1] == eos else [*seq, eos] for seq in ids]
-        return {"input_ids": ids}
+        if not packing:  # packing cuts whole texts into blocks below instead
+            ids = [seq[:block] for seq in ids]
+        return {"input_ids": ids, "labels": [list(seq) for seq in ids]}
 
     def group(batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
-        # run_clm's group_texts: concatenate a batch of texts, drop the short remainder.
+        # run_clm's group_texts: concatenate a batch of texts, drop the short remainder; the
+        # labels are the block itself (the model shifts them).
         joined = list(chain.from_iterable(batch["input_ids"]))
         usable = (len(joined) // block) * block
         blocks = [joined[i : i + block] for i in range(0, usable, block)]
-        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks]}
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks],
+                "labels": [list(b) for b in blocks]}
 
     def run(ds: Dataset, split: str) -> Dataset:
         out = ds.map(tokenize, batched=True, remove_columns=ds.column_names,
                      desc=f"tokenizing {split}")
         if packing:
-            out = out.map(group, batched=True, batch_size=1000, desc=f"packing {split}")
-        else:
-            out = out.filter(lambda ex: len(ex["input_ids"]) > 0)
+            out = out.map(group, batched=True, batch_size=1000, remove_columns=out.column_names,
+                          desc=f"packing {split}")
         if len(out) == 0:
             hint = " (shorter than one block: lower training.max_length)" if packing else ""
             raise ValueError(f"dataset: the {split} data yields no examples{hint}")
@@ -107,10 +113,12 @@ def preprocess(
 
 def collator(
     spec: JobSpec, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
-) -> DataCollatorForLanguageModeling:
-    # labels = input_ids (the model shifts them); padded positions become -100. Note: when
-    # pad == eos, real eos tokens are masked too: the usual trade-off of padding with eos.
-    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+) -> Any:
+    if spec.training.packing:
+        return default_data_collator  # full blocks: nothing to pad
+    # Pads input_ids with the pad token and labels with -100: padding is masked by where it
+    # is, so a pad token that is also eos leaves the real eos targets alone.
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 
 def compute_metrics(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
