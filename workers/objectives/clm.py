@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec
-from workers.objectives import PerplexityTrainer, load_pretrained, texts
+from workers.objectives import PerplexityTrainer, check_tokenizer, load_pretrained, texts
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,12 @@ def load_model(spec: JobSpec) -> PreTrainedModel:
 
 
 def prepare_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.pad_token is not None:
-        return
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            f"tokenizer: {spec.tokenizer} has neither a pad token nor an eos token, so batches "
-            "cannot be padded; use a tokenizer that defines one of them"
-        )
-    # GPT-style tokenizers ship without a pad token. Padding with eos is the usual fix; the
-    # padded positions get label -100 (by position, see collator) and an attention mask of
-    # 0, so they never count, while real eos tokens stay targets.
-    tokenizer.pad_token = tokenizer.eos_token
+    check_tokenizer(spec, tokenizer)  # an eos to end documents with (and pad with)
+    if tokenizer.pad_token is None:
+        # GPT-style tokenizers ship without a pad token. Padding with eos is the usual fix;
+        # the padded positions get label -100 (by position, see collator) and an attention
+        # mask of 0, so they never count, while real eos tokens stay targets.
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def _block_size(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> int:

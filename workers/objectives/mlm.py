@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec
-from workers.objectives import PerplexityTrainer, load_pretrained, texts
+from workers.objectives import PerplexityTrainer, check_tokenizer, load_pretrained, texts
 
 trainer_class = PerplexityTrainer
 args_class = TrainingArguments
@@ -38,13 +38,7 @@ def load_model(spec: JobSpec) -> PreTrainedModel:
 
 
 def prepare_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.mask_token is None:
-        raise ValueError(
-            f"tokenizer: {spec.tokenizer} has no mask token, which masked language modelling "
-            "needs; use a BERT-style tokenizer (or objective clm for GPT-style models)"
-        )
-    if tokenizer.pad_token is None:
-        raise ValueError(f"tokenizer: {spec.tokenizer} has no pad token to pad batches with")
+    check_tokenizer(spec, tokenizer)  # a mask token, and a pad token to pad with
 
 
 def preprocess(
