@@ -251,9 +251,11 @@ def test_make_assets_reproduces_the_committed_files(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=300,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     for split in ("train", "eval"):
-        for task in ("summarize", "lm"):
+        for task in ("summarize", "lm", "instruct"):
             name = f"data/{task}/{split}.jsonl"
             assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
+    name = "templates/chat.jinja"
+    assert (tmp_path / name).read_bytes() == (ASSETS / name).read_bytes(), name
     for model in ("t5-tiny", "gpt2-tiny", "bert-tiny"):
         fresh, committed = tmp_path / "models" / model, ASSETS / "models" / model
         # Tokenizer vocab and pipeline byte for byte.
