@@ -14,34 +14,31 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator import formats, objective_rules
 from orchestrator.sandbox import Rules, current_rules
-from orchestrator.spec import JobSpec, Objective
+from orchestrator.spec import JobSpec
 
-_EXTENSIONS = {
-    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
-}
+# How many records of each data file the instruction checks read (shape of the chats, the
+# chat template rendering them): enough to catch a wrong format, cheap on any file.
+_SAMPLE_RECORDS = 20
 
 
 class _Unreadable(ValueError):
     """A data file that is not what its extension says; the message never quotes it."""
 
 
-def _columns_of_file(path: Path) -> set[str]:
-    kind = _EXTENSIONS.get(path.suffix.lower())
-    if kind is None:
-        raise _Unreadable(
-            f"unsupported file type {path.suffix[:20]!r}; use one of "
-            f"{', '.join(sorted(_EXTENSIONS))}"
-        )
-    if kind == "text":
-        return {"text"}  # datasets' text builder yields one column, "text"
+def _columns_of_file(name: str, builder: str) -> set[str]:
+    """formats.columns_of, with any parser's complaint turned into words that say what kind
+    of file it failed to be: parsers' own messages can quote the data."""
     try:
-        return _header_columns(path, kind)
-    except _Unreadable:
+        columns = formats.columns_of(name)
+    except formats.FormatError:
         raise
     except UnicodeDecodeError:
         raise _Unreadable("not UTF-8 text") from None
@@ -52,32 +49,10 @@ def _columns_of_file(path: Path) -> set[str]:
     except OSError as exc:
         raise _Unreadable(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
     except Exception as exc:  # pyarrow and friends: their messages may quote the data
-        raise _Unreadable(f"not a valid {kind} file ({type(exc).__name__})") from None
-
-
-def _header_columns(path: Path, kind: str) -> set[str]:
-    if kind == "csv":
-        with path.open(newline="") as fh:
-            return set(next(csv.reader(fh), []))
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return set(pq.read_schema(path).names)
-    with path.open() as fh:
-        head = fh.read(1)
-        fh.seek(0)
-        if head == "[":  # a JSON array of records
-            records = json.load(fh)
-            if records and not isinstance(records[0], dict):
-                raise _Unreadable("a JSON array whose entries are not objects")
-            return set(records[0]) if records else set()
-        for number, line in enumerate(fh, 1):  # JSON lines: the first non-empty record
-            if line.strip():
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise _Unreadable(f"line {number} is not a JSON object")
-                return set(record)
-    return set()
+        raise _Unreadable(f"not a valid {builder} file ({type(exc).__name__})") from None
+    if not all(isinstance(c, str) for c in columns):
+        raise _Unreadable(f"not a {builder} file of records (objects with named columns)")
+    return columns
 
 
 def _column_list(columns: set[str]) -> str:
@@ -87,50 +62,144 @@ def _column_list(columns: set[str]) -> str:
     return (listed + (f", ... ({len(names)} in all)" if len(names) > 20 else "")) or "none"
 
 
-def _check_files(field: str, files: list[str], needed: list[tuple[str, str]]) -> list[str]:
+def _check_files(field: str, files: list[str], spec: JobSpec) -> list[str]:
     problems = []
     for name in files:
         if "://" in name:
             continue  # an object-store URL (allowed by the rules): the worker reads it
-        path = Path(name)
-        if not path.is_file():
+        if not Path(name).is_file():
             problems.append(f"{field}: file not found: {name}")
             continue
         try:
-            columns = _columns_of_file(path)
-        except _Unreadable as exc:
+            builder, _ = formats.file_format(name)
+            columns = _columns_of_file(name, builder)
+        except (formats.FormatError, _Unreadable) as exc:
             problems.append(f"{field}: cannot read {name}: {exc}")
             continue
-        for column_field, column in needed:
+        missing = False
+        for column_field, column in spec.dataset.columns.items():
             if column not in columns:
+                missing = True
                 have = _column_list(columns)
                 problems.append(
-                    f"{column_field}: column {column!r} not in {path.name} (columns: {have}); "
+                    f"{column_field}: column {column!r} not in {Path(name).name} (columns: {have}); "
                     "set it to one of them"
                 )
+        if spec.dataset.messages_column and not missing:
+            problems += _check_messages(name, builder, spec)
     return problems
+
+
+def _check_messages(name: str, builder: str, spec: JobSpec) -> list[str]:
+    """The first records' chats have the shape the chat template expects."""
+    column = spec.dataset.messages_column
+    if builder not in formats.NESTED_BUILDERS:
+        return [f"dataset.messages_column: {Path(name).name} is {builder}, which cannot hold "
+                "lists of messages; use json/jsonl or parquet data"]
+    try:
+        records = formats.read_records(name, _SAMPLE_RECORDS)
+    except Exception:  # a parser's message can quote the data: say what failed, not what it read
+        return [f"dataset.messages_column: cannot read {name} as {builder} records"]
+    for row, record in enumerate(records):
+        if why := objective_rules.messages_problem(record.get(column)):
+            return [f"dataset.messages_column: row {row} of {Path(name).name}: {why}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------
+# The hub: a name that is not a local directory is a hub id. Without network (a cluster that
+# reaches no hub), from_pretrained spends half a minute retrying before it gives up, even
+# for an id it has cached; so the local cache is looked at first, and the hub is asked once,
+# with a short timeout, only for what is not there.
+
+HUB_TIMEOUT_S = 3.0
+_reachable: dict[str, tuple[float, bool]] = {}  # endpoint -> (checked at, answer)
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the hub's endpoint answers at all (any HTTP status), remembered a minute."""
+    import httpx
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    checked = _reachable.get(endpoint)
+    if checked and time.monotonic() - checked[0] < 60:
+        return checked[1]
+    try:
+        httpx.head(endpoint, timeout=timeout)
+        answer = True
+    except httpx.HTTPError:
+        answer = False
+    _reachable[endpoint] = (time.monotonic(), answer)
+    return answer
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached(repo_id: str, files: tuple[str, ...], repo_type: str = "model") -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, f, repo_type=repo_type), str)
+                   for f in files)
+    except ValueError:  # not a valid repo id: nothing cached under it
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith(("./", "../", "~"))
+
+
+def locate(field: str, name: str, files: tuple[str, ...], repo_type: str = "model",
+           offline_var: str = "HF_HUB_OFFLINE") -> tuple[str | None, bool]:
+    """Where `name` (a local directory or a hub id) loads from: (problem, local_only).
+    local_only: a local directory or a cached hub id, to load without asking the hub."""
+    if Path(name).expanduser().is_dir():
+        return None, True
+    if _looks_like_path(name):
+        return f"{field}: cannot load {name!r}: no such directory; give a local HF directory", False
+    if _cached(name, files, repo_type):
+        return None, True
+    fetch = f"pre-fetch it (`hf download {name}` into a cache this machine and the workers share) " \
+            "or give a local directory"
+    if _hub_offline():
+        return (f"{field}: cannot load {name!r}: not in the local HF cache and {offline_var} is "
+                f"set, so the hub is not asked; {fetch}"), False
+    if not hub_reachable():
+        return (f"{field}: cannot load {name!r}: not in the local HF cache and the hub cannot be "
+                f"reached from here; set {offline_var}=1 on machines without network and "
+                f"{fetch}"), False
+    return None, False
 
 
 def check_dataset(spec: JobSpec) -> list[str]:
     ds = spec.dataset
-    needed = [("dataset.text_column", ds.text_column)]
-    if ds.target_column:
-        needed.append(("dataset.target_column", ds.target_column))
     if ds.train_files:
-        return _check_files("dataset.train_files", ds.train_files, needed) + _check_files(
-            "dataset.eval_files", ds.eval_files or [], needed
+        return _check_files("dataset.train_files", ds.train_files, spec) + _check_files(
+            "dataset.eval_files", ds.eval_files or [], spec
         )
     assert ds.name is not None
     local = Path(ds.name)
     if local.is_absolute() and not local.exists():
         return [f"dataset.name: directory not found: {ds.name}"]
+    if not local.exists():
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes") \
+            or _hub_offline()
+        if not offline and not hub_reachable():
+            return [f"dataset.name: cannot load {ds.name!r}: the hub cannot be reached from "
+                    "here; set HF_DATASETS_OFFLINE=1 to use the local datasets cache, or give "
+                    "a local dataset dir or data files (train_files)"]
     try:
         from datasets import load_dataset_builder
 
         builder = load_dataset_builder(ds.name, ds.config)
     except Exception as exc:  # datasets raises many kinds; all mean "cannot find it"
-        # Its message is left out: it can quote the files it tried to read.
         return [
+            # Its message is left out: it can quote the files it tried to read.
             f"dataset.name: cannot load {ds.name!r} ({type(exc).__name__}); give a "
             "local dataset dir, data files (train_files), or a hub dataset reachable from here"
         ]
@@ -140,25 +209,9 @@ def check_dataset(spec: JobSpec) -> list[str]:
     return [
         f"{field}: column {column!r} not in dataset {ds.name!r} "
         f"(columns: {_column_list(set(features))})"
-        for field, column in needed
+        for field, column in ds.columns.items()
         if column not in features
     ]
-
-
-def _model_kind_problem(spec: JobSpec, config: Any) -> str | None:
-    from transformers.models.auto import modeling_auto as auto
-
-    mapping = {
-        Objective.CLM: auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        Objective.MLM: auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-        Objective.SEQ2SEQ: auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-    }[spec.objective]
-    if config.model_type not in mapping:
-        return (
-            f"model: a {config.model_type!r} model has no {spec.objective.value} head; use a "
-            f"model made for {spec.objective.value} or change objective"
-        )
-    return None
 
 
 # transformers' lazy module is not thread-safe on first use: concurrent first imports from
@@ -181,34 +234,55 @@ def check_model_and_tokenizer(spec: JobSpec) -> list[str]:
 def _check_model_and_tokenizer(spec: JobSpec) -> list[str]:
     from transformers import AutoConfig, AutoTokenizer
 
-    problems: list[str] = []
+    problem, local_only = locate("model", spec.model, ("config.json",))
+    if problem:
+        return [problem]
     try:
-        config = AutoConfig.from_pretrained(spec.model)
+        config = AutoConfig.from_pretrained(spec.model, local_files_only=local_only)
     except Exception as exc:
         return [
-            f"model: cannot load {spec.model!r}: not a model directory here and not in the "
-            f"hub cache ({type(exc).__name__}); give a local HF model dir or a hub id "
-            "reachable from this machine"
+            f"model: cannot load {spec.model!r}: no model config there ({type(exc).__name__}); "
+            "give a local HF model dir or a hub id reachable from this machine"
         ]
-    if kind := _model_kind_problem(spec, config):
+    problems: list[str] = []
+    if kind := objective_rules.model_problem(spec, config):
         problems.append(kind)
+    name = spec.tokenizer or spec.model
+    problem, local_only = locate("tokenizer", name, ("tokenizer_config.json", "tokenizer.json"))
+    if problem:
+        return [*problems, problem]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or spec.model)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except Exception as exc:  # its message can quote a malformed tokenizer file: left out
         problems.append(
-            f"tokenizer: cannot load {spec.tokenizer!r} ({type(exc).__name__}); "
+            f"tokenizer: cannot load {name!r} ({type(exc).__name__}); "
             "save the tokenizer with the model or set `tokenizer:`"
         )
         return problems
-    if spec.objective == Objective.MLM and tokenizer.mask_token is None:
-        problems.append("tokenizer: mlm needs a mask token and this tokenizer has none")
-    if spec.objective == Objective.CLM and tokenizer.pad_token is None and (
-        tokenizer.eos_token is None
-    ):
-        problems.append("tokenizer: clm needs a pad token or an eos token to pad with; it has neither")
-    if spec.objective == Objective.SEQ2SEQ and tokenizer.pad_token is None:
-        problems.append("tokenizer: seq2seq needs a pad token and this tokenizer has none")
+    problems += objective_rules.tokenizer_problems(spec, tokenizer)
+    if not problems and spec.dataset.messages_column:
+        problems += _check_template_renders(spec, tokenizer)
     return problems
+
+
+def _check_template_renders(spec: JobSpec, tokenizer: Any) -> list[str]:
+    """The chat template renders the first chat of the train data (a template that fails on
+    the data would otherwise fail the job after it started)."""
+    files = spec.dataset.train_files or []
+    try:
+        records = formats.read_records(files[0], 1) if files else []
+    except (ValueError, OSError):
+        return []  # the data checks report it
+    chat = records[0].get(spec.dataset.messages_column) if records else None
+    if chat is None or objective_rules.messages_problem(chat):
+        return []
+    try:
+        tokenizer.apply_chat_template(chat, tokenize=False,
+                                      chat_template=objective_rules.chat_template(spec, tokenizer))
+    except Exception as exc:  # jinja2 raises many kinds; all mean "this template fails here"
+        return [f"dataset.chat_template: the chat template fails on the first chat of "
+                f"{Path(files[0]).name} ({type(exc).__name__}: {exc}); fix the template"]
+    return []
 
 
 def check_storage(spec: JobSpec) -> list[str]:

@@ -7,6 +7,7 @@ names the field and says how to fix it (`SpecError.problems`).
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,15 @@ class DatasetSpec(_Section):
     text_column: str = "text"
     # seq2seq only: the column with the target text.
     target_column: str | None = None
+    # clm instruction data, instead of text_column: a prompt and a response column (the loss
+    # is on the response), or a column of chats (lists of {role, content}; the loss is on
+    # the assistant's turns) rendered with the tokenizer's chat template or `chat_template`.
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    # A Jinja chat template (a file relative to the spec, or the template text itself), for
+    # tokenizers that have none or to replace theirs.
+    chat_template: str | None = None
     max_train_samples: StrictInt | None = Field(default=None, ge=1, le=MAX_SAMPLES)
     max_eval_samples: StrictInt | None = Field(default=None, ge=1, le=MAX_SAMPLES)
 
@@ -92,11 +102,44 @@ class DatasetSpec(_Section):
         chosen = [k for k in ("eval_files", "eval_split", "eval_fraction") if getattr(self, k)]
         if len(chosen) > 1:
             raise ValueError(f"choose one way to get eval data, not {' and '.join(chosen)}")
+        problems = []
+        if (self.prompt_column is None) != (self.response_column is None):
+            given, missing = (("prompt_column", "response_column") if self.prompt_column
+                              else ("response_column", "prompt_column"))
+            problems.append(f"dataset.{missing}: required with dataset.{given} (instruction "
+                            "data names a prompt and a response column)")
+        if self.messages_column and (self.prompt_column or self.response_column):
+            problems.append("dataset.messages_column: give either messages_column (chats) or "
+                            "prompt_column + response_column, not both")
+        if self.chat_template and not self.messages_column:
+            problems.append("dataset.chat_template: only renders dataset.messages_column; "
+                            "remove it or name the column of chats")
+        if problems:
+            raise _Problems(problems)
         return self
 
     @property
     def has_eval(self) -> bool:
         return bool(self.eval_files or self.eval_split or self.eval_fraction)
+
+    @property
+    def instruction(self) -> bool:
+        """Instruction data (prompt/response or chats) rather than plain text."""
+        return bool(self.prompt_column or self.messages_column)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The columns the job reads, by the field that names them."""
+        if self.messages_column:
+            named = {"dataset.messages_column": self.messages_column}
+        elif self.prompt_column and self.response_column:
+            named = {"dataset.prompt_column": self.prompt_column,
+                     "dataset.response_column": self.response_column}
+        else:
+            named = {"dataset.text_column": self.text_column}
+        if self.target_column:
+            named["dataset.target_column"] = self.target_column
+        return named
 
 
 class ResourcesSpec(_Section):
@@ -167,8 +210,13 @@ class TrainingSpec(_Section):
     # fsdp shards parameters, gradients and optimizer state (models that don't fit one GPU).
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
-    # clm only: concatenate texts and cut them into max_length blocks (run_clm style).
-    packing: StrictBool | None = None
+    # clm only: true concatenates examples and cuts them into max_length blocks (run_clm
+    # style; attention crosses examples inside a block); padding_free concatenates each batch
+    # into one row whose positions restart at every example (no attention across examples;
+    # needs flash attention on a CUDA GPU).
+    packing: StrictBool | Literal["padding_free"] | None = None
+    # clm instruction data only: also learn the prompt tokens (default: the response only).
+    train_on_prompt: StrictBool | None = None
     # mlm only: fraction of tokens to mask, in (0, 1); defaults to 0.15.
     mlm_probability: float | None = None
     # seq2seq only.
@@ -285,14 +333,29 @@ OBJECTIVE_METRICS: dict[Objective, tuple[str, ...]] = {
     Objective.SEQ2SEQ: ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu"),
 }
 
+# clm jobs on instruction data also generate each eval prompt's response (greedy) and
+# report the share that matches the reference exactly.
+INSTRUCTION_METRICS: tuple[str, ...] = (*OBJECTIVE_METRICS[Objective.CLM], "eval_exact_match")
+
+
+def reported_metrics(spec: JobSpec) -> tuple[str, ...]:
+    """The eval metrics a job reports, by objective (and, for clm, the kind of data)."""
+    if spec.objective == Objective.CLM and spec.dataset.instruction:
+        return INSTRUCTION_METRICS
+    return OBJECTIVE_METRICS[spec.objective]
+
+
 _OBJECTIVE_ONLY: dict[str, Objective] = {
     "packing": Objective.CLM,
+    "train_on_prompt": Objective.CLM,
     "mlm_probability": Objective.MLM,
     "source_prefix": Objective.SEQ2SEQ,
     "max_target_length": Objective.SEQ2SEQ,
     "generation_max_length": Objective.SEQ2SEQ,
     "generation_num_beams": Objective.SEQ2SEQ,
 }
+# Instruction data: clm only.
+_INSTRUCTION_FIELDS = ("prompt_column", "response_column", "messages_column", "chat_template")
 
 
 class JobSpec(_Section):
@@ -317,12 +380,34 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _objective_rules(self) -> JobSpec:
         problems: list[str] = []
+        instruction = self.objective == Objective.CLM and self.dataset.instruction
         for key, owner in _OBJECTIVE_ONLY.items():
-            if getattr(self.training, key) is not None and self.objective != owner:
+            if getattr(self.training, key) is None or self.objective == owner:
+                continue
+            if key == "generation_max_length" and instruction:
+                continue  # instruction jobs generate responses for eval_exact_match
+            problems.append(
+                f"training.{key}: only for objective {owner.value}; remove it "
+                f"(objective is {self.objective.value})"
+            )
+        for key in _INSTRUCTION_FIELDS:
+            if getattr(self.dataset, key) is not None and self.objective != Objective.CLM:
                 problems.append(
-                    f"training.{key}: only for objective {owner.value}; remove it "
+                    f"dataset.{key}: instruction data is only for objective clm; remove it "
                     f"(objective is {self.objective.value})"
                 )
+        if self.training.train_on_prompt is not None and not self.dataset.instruction:
+            problems.append("training.train_on_prompt: only for instruction data "
+                            "(dataset.prompt_column or messages_column); remove it")
+        if self.training.packing == "padding_free":
+            if self.resources.gpus == 0:
+                problems.append(
+                    "training.packing: padding_free needs flash attention, which only CUDA GPUs "
+                    "have (resources.gpus is 0); use packing: true (attention crosses examples "
+                    "in a block) or false")
+            elif self.training.precision == Precision.FP32:
+                problems.append("training.packing: padding_free runs flash attention, which "
+                                "needs training.precision bf16 or fp16 (got fp32)")
         if self.objective == Objective.SEQ2SEQ and not self.dataset.target_column:
             problems.append(
                 "dataset.target_column: required for seq2seq; name the column with the "
@@ -348,6 +433,11 @@ class JobSpec(_Section):
         t = self.training
         if self.objective == Objective.CLM and t.packing is None:
             t.packing = False
+        if instruction:
+            if t.train_on_prompt is None:
+                t.train_on_prompt = False
+            if t.generation_max_length is None:
+                t.generation_max_length = 64
         if self.objective == Objective.MLM and t.mlm_probability is None:
             t.mlm_probability = 0.15
         if self.objective == Objective.SEQ2SEQ:
@@ -361,11 +451,12 @@ class JobSpec(_Section):
                 t.generation_num_beams = 1
         if self.tokenizer is None:
             self.tokenizer = self.model
-        allowed = OBJECTIVE_METRICS[self.objective]
+        allowed = reported_metrics(self)
         if self.checkpoints.best_metric not in allowed:
+            what = "clm on instruction data" if instruction else self.objective.value
             raise _Problems(
                 [
-                    f"checkpoints.best_metric: {self.objective.value} reports "
+                    f"checkpoints.best_metric: {what} reports "
                     f"{', '.join(allowed)}; pick one of them "
                     f"(got {self.checkpoints.best_metric})"
                 ]
@@ -453,9 +544,9 @@ def _format_validation_error(error: ValidationError, model: type[BaseModel]) -> 
             parent = ".".join(str(p) for p in item["loc"][:-1])
             allowed = _allowed_keys(model, item["loc"][:-1])
             where = f" in {parent}" if parent else ""
-            problems.append(
-                f"{loc}: unknown key{where}; allowed keys: {', '.join(allowed)}"
-            )
+            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(allowed)}"
+            problems.append(f"{loc}: unknown key{where}; {hint}")
         elif kind == "missing":
             problems.append(f"{loc}: required; add it to the spec")
         elif kind in ("enum", "literal_error"):
@@ -608,7 +699,10 @@ def build_spec(
         _set_dotted(data, key, value)
     spec = spec_from_dict(data, source)
     if base_dir is not None:
-        spec = resolve_paths(spec, base_dir)
+        try:
+            spec = resolve_paths(spec, base_dir)
+        except SpecError as exc:
+            raise SpecError(exc.problems, source) from None
     return spec
 
 
@@ -656,7 +750,31 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
             ds[key] = [str((base_dir / Path(f).expanduser()).resolve()) for f in ds[key]]
     if ds.get("name"):
         ds["name"] = _local_path(ds["name"], base_dir)
+    if ds.get("chat_template"):
+        ds["chat_template"] = _template_text(ds["chat_template"], base_dir)
     storage = data["checkpoints"].get("storage")
     if storage and "://" not in storage:  # a URL is absolute already
         data["checkpoints"]["storage"] = str((base_dir / Path(storage).expanduser()).resolve())
     return JobSpec.model_validate(data)
+
+
+def is_template_text(value: str) -> bool:
+    """A chat template given inline (Jinja markup), rather than the path of a file."""
+    return "{{" in value or "{%" in value
+
+
+def _template_text(value: str, base_dir: Path) -> str:
+    """dataset.chat_template as the template itself: a file's contents are read here, so the
+    spec that travels to the workers carries the template, not a path they may not see."""
+    if is_template_text(value):
+        return value
+    path = (base_dir / Path(value).expanduser()).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"dataset.chat_template: cannot read {path} ({exc.strerror}); give a "
+                         "Jinja file (relative to the spec) or the template text"]) from None
+    if not is_template_text(text):
+        raise SpecError([f"dataset.chat_template: {path} holds no Jinja template ({{% ... %}} "
+                         "or {{ ... }}); give a chat template file"])
+    return text

@@ -2,7 +2,8 @@
 
 Sources (exactly one, as JobSpec validates): `dataset.name`, a hub dataset or a local dataset
 directory (with `config`, `train_split`, `eval_split`), or `dataset.train_files` /
-`dataset.eval_files` (json, jsonl, csv, parquet or txt; the builder comes from the extension).
+`dataset.eval_files` (json, jsonl, csv, parquet or txt, text formats optionally compressed;
+the builder comes from the extension, see orchestrator.formats).
 Eval data comes from eval_files, eval_split or a seeded `eval_fraction` of the train split.
 """
 
@@ -13,40 +14,20 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from orchestrator import formats
 from orchestrator.errors import SpecError
 from orchestrator.sandbox import current_rules
-from orchestrator.spec import JobSpec, Objective
+from orchestrator.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-# File extension -> `datasets` packaged builder.
-BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "text",
-}
-
 
 def builder_for(files: list[str]) -> str:
-    """The packaged builder for a list of data files; all must share one format."""
-    kinds = set()
-    for f in files:
-        suffixes = Path(f).suffixes
-        # Compressed files (data.jsonl.gz) take the format from the extension before .gz.
-        if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst", ".zip"):
-            suffixes = suffixes[:-1]
-        ext = suffixes[-1].lower() if suffixes else ""
-        if ext not in BUILDERS:
-            raise ValueError(
-                f"dataset files: cannot tell the format of {f!r}; use one of "
-                f"{', '.join(sorted(BUILDERS))}"
-            )
-        kinds.add(BUILDERS[ext])
-    if len(kinds) > 1:
-        raise ValueError(f"dataset files: mixed formats ({', '.join(sorted(kinds))}); use one format")
-    return kinds.pop()
+    """The packaged builder for a list of data files (orchestrator.formats' rule)."""
+    try:
+        return formats.builder_for(files)
+    except formats.FormatError as exc:
+        raise ValueError(f"dataset files: {exc}") from None
 
 
 def _from_files(field: str, files: list[str]) -> Dataset:
@@ -100,10 +81,7 @@ def _load_named(spec: JobSpec, split: str) -> Dataset:
 
 
 def _check_columns(spec: JobSpec, dataset: Dataset, which: str) -> None:
-    needed = {"dataset.text_column": spec.dataset.text_column}
-    if spec.objective == Objective.SEQ2SEQ and spec.dataset.target_column:
-        needed["dataset.target_column"] = spec.dataset.target_column
-    for field, column in needed.items():
+    for field, column in spec.dataset.columns.items():
         if column not in dataset.column_names:
             raise ValueError(
                 f"{field}: the {which} data has no column {column!r}; its columns are "

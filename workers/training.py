@@ -126,37 +126,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-class RecordSamples:
-    """Trainer mixin, a test hook: append a fingerprint of every training example this rank
-    trains on to `<dir>/rank-<rank>.txt` (dir from ORCH_RECORD_SAMPLES). The fingerprint is
-    the example's token ids without padding, as the dataset holds them, so tests can check
-    that the ranks saw disjoint samples covering the epoch."""
-
-    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        ids = inputs["input_ids"]
-        labels = inputs.get("labels")
-        if labels is not None and labels.shape == ids.shape and self._orch_unmask:  # type: ignore[attr-defined]
-            ids = torch.where(labels != -100, labels, ids)  # mlm: undo the masking
-        mask = inputs.get("attention_mask")
-        lines = []
-        for row in range(ids.shape[0]):
-            tokens = ids[row][mask[row].bool()] if mask is not None else ids[row]
-            lines.append(sample_fingerprint(tokens.tolist()))
-        out = Path(os.environ["ORCH_RECORD_SAMPLES"]) / f"rank-{rank()}.txt"
-        with out.open("a") as f:
-            f.write("".join(f"{line}\n" for line in lines))
-        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
-
-
-def sample_fingerprint(token_ids: Sequence[int]) -> str:
-    return ",".join(str(t) for t in token_ids)
-
-
 def with_atomic_checkpoints(trainer_class: type[Trainer]) -> type[Trainer]:
-    bases: tuple[type, ...] = (AtomicCheckpoints, trainer_class)
-    if os.environ.get("ORCH_RECORD_SAMPLES"):
-        bases = (RecordSamples, *bases)
-    return type(f"Atomic{trainer_class.__name__}", bases, {})
+    return type(f"Atomic{trainer_class.__name__}", (AtomicCheckpoints, trainer_class), {})
 
 
 def configure_threads(spec: JobSpec) -> int:
@@ -178,7 +149,9 @@ def precision_args(spec: JobSpec) -> dict[str, bool]:
         log.warning("training.precision %s needs a CUDA GPU; this run has none, using fp32",
                     wanted.value)
         return {}
-    if wanted == Precision.BF16 and not torch.cuda.is_bf16_supported():
+    # Native support only: by default torch also counts emulation, which pre-Ampere GPUs
+    # offer and which is far slower than fp32 there.
+    if wanted == Precision.BF16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         log.warning("training.precision bf16: this GPU does not support bf16; using fp32")
         return {}
     return {"bf16": True} if wanted == Precision.BF16 else {"fp16": True}
@@ -358,12 +331,7 @@ def run_training(
     )
     # Last: the reporter (among `callbacks`) must have started the run before anything logs.
     trainer.add_callback(TrainableParameters(trainer, model))
-    trainer._orch_unmask = spec.objective == Objective.MLM  # type: ignore[attr-defined]
     trainer._orch_upload_to = storage.join(upload_to, CHECKPOINTS_DIR) if upload_to else None  # type: ignore[attr-defined]
-    if os.environ.get("ORCH_RECORD_SAMPLES") and rank() == 0:
-        # The whole epoch's examples, for the test to compare the ranks' union against.
-        out = Path(os.environ["ORCH_RECORD_SAMPLES"]) / "all.txt"
-        out.write_text("".join(f"{sample_fingerprint(ids)}\n" for ids in train_ds["input_ids"]))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
     final_metrics: dict[str, float] = {}

@@ -5,6 +5,9 @@
 Writes under DIR:
   data/summarize/{train,eval}.jsonl   fields `document`, `summary` (t5_summarize.yaml)
   data/lm/{train,eval}.jsonl          field `text` (gpt2_clm.yaml, bert_mlm.yaml)
+  data/instruct/{train,eval}.jsonl    fields `prompt`, `response` and `messages` (a chat):
+                                      short questions with one right answer (gpt2_instruct.yaml)
+  templates/chat.jinja                a chat template for the tiny GPT-2, which has none
   models/t5-tiny                      T5ForConditionalGeneration + T5 tokenizer (Unigram)
   models/gpt2-tiny                    GPT2LMHeadModel + GPT-2 tokenizer (byte-level BPE)
   models/bert-tiny                    BertForMaskedLM + BERT tokenizer (WordPiece)
@@ -237,6 +240,75 @@ def make_data(out: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# Instruction data: questions with exactly one right, short answer, which a tiny model can
+# learn in a couple of minutes (look-ups it can memorise, copies it can learn to make).
+
+N_INSTRUCT_TRAIN = 2000
+N_INSTRUCT_EVAL = 128
+# The prompt/response form carries its own separators; the chat form has bare turns (the
+# chat template adds the rest).
+ANSWER_CUE = "\nAnswer:"
+
+
+def _instruction(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return f"What is {a} plus {b}?", str(a + b)
+    if kind == 1:
+        i = rng.randrange(len(DAYS))
+        return f"Which day comes after {DAYS[i]}?", DAYS[(i + 1) % len(DAYS)]
+    if kind == 2:
+        i = rng.randrange(len(MONTHS))
+        return f"Which month comes before {MONTHS[i]}?", MONTHS[i - 1]
+    if kind == 3:
+        first, last = rng.choice(FIRST), rng.choice(LAST)
+        return f"What is the first name of {first} {last}?", first
+    sentences, _ = rng.choice(EVENTS)(rng)
+    town = next((t for t in TOWNS if t in sentences[0]), None)
+    if town is None:  # a first sentence that names no town: draw another question
+        return _instruction(rng)
+    return f"Which town does this sentence name? {sentences[0]}", town
+
+
+def make_instructions(out: Path) -> None:
+    rng = random.Random(SEED + 1)  # its own stream: the other data files stay as they were
+    for split, n in (("train", N_INSTRUCT_TRAIN), ("eval", N_INSTRUCT_EVAL)):
+        rows = []
+        for _ in range(n):
+            question, answer = _instruction(rng)
+            rows.append({
+                "prompt": question + ANSWER_CUE, "response": " " + answer,
+                "messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}],
+            })
+        write_jsonl(out / "data" / "instruct" / f"{split}.jsonl", rows)
+
+
+# A plain chat format: "User: ..." and "Assistant: ..." turns on lines of their own, each
+# assistant turn closed by eos; the generation prompt is "Assistant:".
+CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+{%- if not loop.first %}{{ '\\n' }}{% endif -%}
+{%- if message['role'] == 'assistant' -%}
+{{ 'Assistant: ' + message['content'] + eos_token }}
+{%- elif message['role'] == 'user' -%}
+{{ 'User: ' + message['content'] }}
+{%- else -%}
+{{ message['content'] }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif -%}
+"""
+
+
+def write_chat_template(out: Path) -> None:
+    path = out / "templates" / "chat.jinja"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(CHAT_TEMPLATE, encoding="utf-8", newline="\n")
+
+
+# ---------------------------------------------------------------------------------------
 # Tokenizers: trained with the `tokenizers` library using each family's own pipeline, then
 # handed to the family's transformers class, so `AutoTokenizer` gives the usual behaviour
 # (T5 appends </s>, BERT wraps in [CLS] ... [SEP], GPT-2 adds nothing and has no pad).
@@ -394,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where to write data/ and models/ (default: beside this script)")
     args = parser.parse_args(argv)
     corpus = make_data(args.out)
+    make_instructions(args.out)
+    write_chat_template(args.out)
     make_models(args.out, corpus)
     print(f"wrote assets under {args.out}")
 

@@ -5,7 +5,8 @@
 - a killed worker (rank 1; rank 0 with checkpoints in an s3:// bucket): Ray Train restarts
   the group, which resumes from the latest checkpoint;
 - a 2-node cluster (ray.cluster_utils.Cluster, fake GPUs): workers on both nodes, each rank
-  trains on distinct samples and together they cover the epoch.
+  trains on distinct samples and together they cover the epoch (seen through a Ray
+  worker-process setup hook of the test's own that records what each Trainer trains on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -131,19 +133,49 @@ def test_killed_rank_0_resumes_from_checkpoints_in_an_object_store(orch_env, orc
     assert not [p for p in (Path(job.artifact_dir) / "checkpoints").rglob("*") if p.is_file()]
 
 
+def record_samples() -> None:
+    """A Ray worker-process setup hook (runtime_env `worker_process_setup_hook`), this test's
+    own: every Trainer in the process appends, at each training step, a fingerprint of each
+    example it trains on (its token ids without padding, as the dataset holds them) to
+    `<ORCH_TEST_SAMPLES>/rank-<rank>.txt`. The workers cannot import the tests: the test
+    ships it to them by value (cloudpickle), and patches nothing of orch."""
+    import os
+    from pathlib import Path
+
+    import torch
+    from transformers import Trainer
+
+    train_step = Trainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        rows = [ids[r][mask[r].bool()] if mask is not None else ids[r] for r in range(len(ids))]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        out = Path(os.environ["ORCH_TEST_SAMPLES"]) / f"rank-{rank}.txt"
+        with out.open("a") as f:
+            f.write("".join(",".join(map(str, row.tolist())) + "\n" for row in rows))
+        return train_step(self, model, inputs, *args, **kwargs)
+
+    Trainer.training_step = recording_step
+
+
 def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
     """A 2-node local cluster with one fake GPU per node: `gpus: 2, placement: spread`. The
     control plane is served from this process; the driver's part runs here too."""
     import ray
     from fastapi.testclient import TestClient
+    from ray import cloudpickle  # Ray's own copy, the one that ships functions to workers
     from ray.cluster_utils import Cluster
+    from transformers import AutoTokenizer
 
     from orchestrator.cluster import Capacity
     from orchestrator.server import ControlPlane, create_app
     from orchestrator.spec import load_spec
     from orchestrator.store import Store
     from workers.control_plane import ControlPlaneClient
+    from workers.data import load_splits
     from workers.distributed import run_distributed
+    from workers.objectives import get_objective
 
     record = tmp_path / "samples"
     record.mkdir()
@@ -159,6 +191,7 @@ def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=2, num_gpus=1)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests
     try:
         with TestClient(create_app(plane)) as local, served(local.app) as url:
             job = store.create_job(name=spec.name, objective="clm", owner="t",
@@ -167,9 +200,10 @@ def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
             plane.scheduler.tick()
             [launch] = fake.launches
             env = {"ORCH_SERVER_URL": url, "ORCH_ATTEMPT_TOKEN": launch.token,
-                   "ORCH_RECORD_SAMPLES": str(record), "HF_HUB_OFFLINE": "1",
+                   "ORCH_TEST_SAMPLES": str(record), "HF_HUB_OFFLINE": "1",
                    "HF_DATASETS_OFFLINE": "1"}
-            ray.init(address=cluster.address, runtime_env={"env_vars": env})
+            ray.init(address=cluster.address, runtime_env={
+                "env_vars": env, "worker_process_setup_hook": record_samples})
             client = ControlPlaneClient(url, launch.token)
             assert run_distributed(client, gpus=2, cpus=1, workers=2) == 0
         job = store.require_job(job.id)
@@ -179,13 +213,19 @@ def test_two_nodes_spread_workers_and_shard_the_data(tmp_path: Path) -> None:
         print(f"placement: {nodes}")
         assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"]  # one rank per node
 
+        # The epoch's examples, as the job's own preprocessing makes them.
+        clm = get_objective("clm")
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+        clm.prepare_tokenizer(spec, tokenizer)
+        train, _ = clm.preprocess(spec, tokenizer, *load_splits(spec))
+        everything = {",".join(map(str, ids)) for ids in train["input_ids"]}
         seen = [set((record / f"rank-{r}.txt").read_text().splitlines()) for r in (0, 1)]
-        everything = set((record / "all.txt").read_text().splitlines())
         assert len(everything) == 32
         assert not seen[0] & seen[1]  # distinct samples on each rank ...
         assert seen[0] | seen[1] == everything  # ... covering the epoch: 32 / (4 x 2) = 4 steps
         assert max(m.step for m in store.metrics(job.id, name="train_loss")) == 4
     finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
         ray.shutdown()
         cluster.shutdown()
         store.close()

@@ -338,3 +338,75 @@ def test_adapter_section_defaults_and_qlora_rules() -> None:
         BASE, ("adapter.method=qlora", "resources.gpus=2", "training.strategy=fsdp"))
     # Round trip: the stored spec validates again (the worker reads it back).
     assert JobSpec.model_validate(build_spec(BASE, ["adapter.r=8"]).to_dict()).adapter.r == 8
+
+
+def test_a_mistyped_key_gets_a_suggestion() -> None:
+    assert "training.learnig_rate: unknown key in training; did you mean learning_rate?" in \
+        problems_of(BASE, ("training.learnig_rate=1e-4",))
+    assert "dataset.prompt_colum: unknown key in dataset; did you mean prompt_column?" in \
+        problems_of(BASE, ("dataset.prompt_colum=q",))
+    # Nothing close: the allowed keys instead.
+    assert "training.zzz: unknown key in training; allowed keys: batch_size," in \
+        problems_of(BASE, ("training.zzz=1",))
+
+
+CLM = {**BASE, "objective": "clm", "dataset": {"train_files": ["t.jsonl"], "eval_fraction": 0.1}}
+
+
+def test_instruction_data_fields_and_defaults(tmp_path: Path) -> None:
+    pairs = build_spec(CLM, ["dataset.prompt_column=q", "dataset.response_column=a"])
+    assert pairs.dataset.instruction and pairs.training.train_on_prompt is False
+    assert pairs.dataset.columns == {"dataset.prompt_column": "q", "dataset.response_column": "a"}
+    assert pairs.training.generation_max_length == 64  # for eval_exact_match
+    plain = build_spec(CLM)
+    assert not plain.dataset.instruction and plain.training.train_on_prompt is None
+    assert plain.dataset.columns == {"dataset.text_column": "text"}
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    chats = build_spec(CLM, ["dataset.messages_column=messages", "dataset.chat_template=chat.jinja"],
+                       base_dir=tmp_path)
+    # The template travels in the spec, not as a path the workers may not see.
+    assert chats.dataset.chat_template == template.read_text()
+    inline = build_spec(CLM, ["dataset.messages_column=m", "dataset.chat_template=T {{ x }}"],
+                        base_dir=tmp_path)
+    assert inline.dataset.chat_template == "T {{ x }}"
+    with pytest.raises(SpecError, match=r"dataset\.chat_template: cannot read .*nope\.jinja"):
+        build_spec(CLM, ["dataset.messages_column=m", "dataset.chat_template=nope.jinja"],
+                   base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("dataset.prompt_column=q",), "dataset.response_column: required with dataset.prompt_column"),
+        (("dataset.prompt_column=q", "dataset.response_column=a", "dataset.messages_column=m"),
+         "dataset.messages_column: give either messages_column (chats) or prompt_column"),
+        (("dataset.chat_template=T {{ x }}",), "dataset.chat_template: only renders dataset.messages_column"),
+        (("training.train_on_prompt=true",), "training.train_on_prompt: only for instruction data"),
+        (("training.generation_max_length=8",), "training.generation_max_length: only for objective seq2seq"),
+        (("training.packing=padding_free",), "training.packing: padding_free needs flash attention"),
+        (("training.packing=padding_free", "resources.gpus=1"),
+         "training.packing: padding_free runs flash attention, which needs training.precision bf16"),
+        (("training.packing=sometimes",), "training.packing"),
+        (("checkpoints.best_metric=eval_exact_match",),
+         "checkpoints.best_metric: clm reports eval_loss, eval_perplexity; pick one"),
+        (("dataset.prompt_column=q", "dataset.response_column=a", "checkpoints.best_metric=rougeL"),
+         "checkpoints.best_metric: clm on instruction data reports eval_loss, eval_perplexity, "
+         "eval_exact_match"),
+    ],
+)
+def test_instruction_and_packing_rules(overrides: tuple[str, ...], expected: str) -> None:
+    assert expected in problems_of(CLM, overrides)
+
+
+def test_instruction_fields_are_clm_only_and_exact_match_ranks_instruction_jobs() -> None:
+    for objective in ("mlm", "seq2seq"):
+        message = problems_of({**BASE, "objective": objective},
+                              ("dataset.prompt_column=q", "dataset.response_column=a"))
+        assert "dataset.prompt_column: instruction data is only for objective clm" in message
+    spec = build_spec(CLM, ["dataset.messages_column=m", "checkpoints.best_metric=exact_match"])
+    assert spec.checkpoints.best_metric == "eval_exact_match" and spec.checkpoints.best_mode == "max"
+    gpu = build_spec(CLM, ["training.packing=padding_free", "resources.gpus=1",
+                           "training.precision=bf16"])
+    assert gpu.training.packing == "padding_free"

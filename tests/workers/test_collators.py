@@ -210,3 +210,33 @@ def test_seq2seq_metrics_score_rouge_and_bleu() -> None:
     # First pair perfect (100); second: LCS "fire damages", P = 2/3, R = 2/5, so F = 0.5.
     assert metrics["rougeL"] == pytest.approx((100 + 50) / 2)
     assert 0 < metrics["bleu"] < 100
+
+
+# ---------------------------------------------------------------------------------------
+# clm: every document ends with eos, and the eos is a target (pad == eos must not hide it)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_clm_eos_is_appended_and_kept_as_a_label(packing: bool) -> None:
+    spec = spec_for("clm", "gpt2-tiny", max_length=32, packing=packing)
+    clm = get_objective("clm")
+    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
+    clm.prepare_tokenizer(spec, tokenizer)
+    eos = tokenizer.eos_token_id
+    docs = ["A storm hit Norbury.", "Fire damages bakery in Eastvale.", "Leo Adams elected mayor.",
+            "Norbury council approves a new bridge.", "Crews cleared the roads."]
+    train, _ = clm.preprocess(spec, tokenizer, Dataset.from_dict({"text": docs * 4}), None)
+    batch = clm.collator(spec, tokenizer, None)([train[i] for i in range(min(4, len(train)))])
+    ids, labels = batch["input_ids"], batch["labels"]
+    at_eos = ids == eos
+    real = batch["attention_mask"] == 1 if "attention_mask" in batch else torch.ones_like(at_eos)
+    assert (at_eos & real).any()
+    # Every real eos is a target: the model learns where a document ends.
+    assert torch.equal(labels[at_eos & real], ids[at_eos & real])
+    if not packing:
+        for row, doc in enumerate(docs[: ids.shape[0]]):
+            n = len(tokenizer(doc)["input_ids"]) + 1
+            assert ids[row, n - 1] == eos and labels[row, n - 1] == eos  # the document's end
+            assert (labels[row, n:] == -100).all()  # padding (also eos ids) never counts
+    else:
+        assert torch.equal(labels, ids)  # run_clm: the labels are the block itself

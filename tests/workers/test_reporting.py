@@ -83,3 +83,23 @@ def test_resumed_runs_leave_one_live_row_per_metric_and_step(tmp_path: Path) -> 
         assert store.latest_metrics(job_id)["train_loss"][0] == 6
         restarts = [e for e in store.events(job_id) if "restarted the worker group" in e.reason]
         assert [e.details["resume_step"] for e in restarts] == [4]
+
+
+def test_checkpoints_carry_only_an_evaluation_at_their_own_step(tmp_path: Path) -> None:
+    """eval_steps: null, save_steps: 2: the checkpoints at steps 2 and 4 were never evaluated.
+    They must not carry (and be ranked by) the untrained step-0 evaluation."""
+    spec, _ = load_spec(JOBS / "gpt2_clm.yaml", [*SMALL, "training.eval_steps=null",
+                                                 "checkpoints.keep_last=5"])
+    with attempt_session(tmp_path, spec) as session:
+        store, job_id = session.store, session.job_id
+        client = session.client()
+        attempt.train(attempt.begin(client, where="here", details={}), client)
+
+        ckpts = {c.step: c for c in store.checkpoints(job_id) if c.kind == "checkpoint"}
+        assert sorted(ckpts) == [2, 4, 6]
+        assert ckpts[2].metrics == {} and ckpts[4].metrics == {}  # no evaluation at 2 or 4
+        evals = {m.step: m.value for m in store.metrics(job_id, "eval_loss")}
+        assert sorted(evals) == [0, 6]
+        assert ckpts[6].metrics["eval_loss"] == pytest.approx(evals[6])
+        # Only the evaluated checkpoint can be the best one.
+        assert [c.step for c in store.checkpoints(job_id) if c.is_best] == [6]

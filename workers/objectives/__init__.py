@@ -23,9 +23,16 @@ from typing import Any, Protocol
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 from transformers.trainer_utils import EvalLoopOutput
 
+from orchestrator import objective_rules
 from orchestrator.spec import JobSpec, Objective
 
 
@@ -72,13 +79,24 @@ def get_objective(name: str | Objective) -> ObjectiveModule:
 # Helpers shared by the objective modules.
 
 
-def load_pretrained(auto_class: Any, spec: JobSpec) -> PreTrainedModel:
+def load_pretrained(auto_class: Any, spec: JobSpec, **kwargs: Any) -> PreTrainedModel:
+    # The same rule as the preflight checks: refuse an architecture without a head for the
+    # objective before loading (and training) anything.
+    if problem := objective_rules.model_problem(spec, AutoConfig.from_pretrained(spec.model)):
+        raise ValueError(problem)
     # float32 master weights whatever the checkpoint's dtype (transformers 5 loads "auto"):
     # bf16/fp16 training runs under autocast, and fp32 training needs fp32 weights.
     # adapter.method qlora adds a 4-bit quantization of the (frozen) base.
     from workers.adapters import quantization_kwargs
 
-    return auto_class.from_pretrained(spec.model, dtype=torch.float32, **quantization_kwargs(spec))
+    return auto_class.from_pretrained(spec.model, dtype=torch.float32,
+                                      **{**quantization_kwargs(spec), **kwargs})
+
+
+def check_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+    """What the objective needs from the tokenizer (orchestrator.objective_rules' rule)."""
+    if problems := objective_rules.tokenizer_problems(spec, tokenizer):
+        raise ValueError("; ".join(problems))
 
 
 def texts(batch: dict[str, list[Any]], column: str) -> list[str]:

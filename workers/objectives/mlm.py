@@ -3,6 +3,10 @@
 `training.mlm_probability` of the tokens are picked per batch (80% become the mask token,
 10% a random token, 10% stay), labels are -100 everywhere else. Metrics: eval_loss,
 eval_perplexity and eval_accuracy (argmax accuracy on the picked positions).
+
+Training batches are masked afresh every time; the eval set is masked once, with
+`training.seed`, so one model scores the same at every evaluation and evaluations at
+different steps compare models, not mask draws.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from datasets import Dataset
 from transformers import (
     AutoModelForMaskedLM,
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     EvalPrediction,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -22,7 +27,7 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec
-from workers.objectives import PerplexityTrainer, load_pretrained, texts
+from workers.objectives import PerplexityTrainer, check_tokenizer, load_pretrained, texts
 
 trainer_class = PerplexityTrainer
 args_class = TrainingArguments
@@ -33,13 +38,7 @@ def load_model(spec: JobSpec) -> PreTrainedModel:
 
 
 def prepare_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.mask_token is None:
-        raise ValueError(
-            f"tokenizer: {spec.tokenizer} has no mask token, which masked language modelling "
-            "needs; use a BERT-style tokenizer (or objective clm for GPT-style models)"
-        )
-    if tokenizer.pad_token is None:
-        raise ValueError(f"tokenizer: {spec.tokenizer} has no pad token to pad batches with")
+    check_tokenizer(spec, tokenizer)  # a mask token, and a pad token to pad with
 
 
 def preprocess(
@@ -69,17 +68,55 @@ def preprocess(
             raise ValueError(f"dataset: the {split} data has no non-empty texts")
         return out
 
-    return run(train_ds, "train"), (run(eval_ds, "eval") if eval_ds is not None else None)
+    train = run(train_ds, "train")
+    if eval_ds is None:
+        return train, None
+    return train, mask_once(spec, tokenizer, run(eval_ds, "eval"))
+
+
+def mask_once(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, ds: Dataset) -> Dataset:
+    """The eval set with its masks drawn once: masked input_ids and their labels.
+
+    The same masking as training (the same collator), from a generator of its own seeded
+    with training.seed, one example at a time in order: the draw depends on nothing but
+    the data and the seed, and the global RNG that training draws from is left untouched.
+    """
+    masker = DataCollatorForLanguageModeling(
+        tokenizer=tokenizer, mlm=True, mlm_probability=_probability(spec),
+        seed=spec.training.seed,
+    )
+
+    def mask(example: dict[str, Any]) -> dict[str, Any]:
+        batch = masker([{"input_ids": example["input_ids"],
+                         "special_tokens_mask": example["special_tokens_mask"]}])
+        return {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}
+
+    return ds.map(mask, remove_columns=["special_tokens_mask"], desc="masking eval")
+
+
+def _probability(spec: JobSpec) -> float:
+    return spec.training.mlm_probability or 0.15
+
+
+class MaskedLMCollator:
+    """Masks training batches afresh each time; eval batches come masked already (they
+    carry labels), so they are only padded: inputs with pad, labels with -100."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, probability: float) -> None:
+        self.masking = DataCollatorForLanguageModeling(
+            tokenizer=tokenizer, mlm=True, mlm_probability=probability)
+        self.padding = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if "labels" in features[0]:
+            return self.padding(features)
+        return self.masking(features)
 
 
 def collator(
     spec: JobSpec, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
-) -> DataCollatorForLanguageModeling:
-    return DataCollatorForLanguageModeling(
-        tokenizer=tokenizer,
-        mlm=True,
-        mlm_probability=spec.training.mlm_probability or 0.15,
-    )
+) -> MaskedLMCollator:
+    return MaskedLMCollator(tokenizer, _probability(spec))
 
 
 def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

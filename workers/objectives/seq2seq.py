@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from orchestrator.spec import JobSpec
-from workers.objectives import load_pretrained, texts
+from workers.objectives import check_tokenizer, load_pretrained, texts
 
 trainer_class = Seq2SeqTrainer
 args_class = Seq2SeqTrainingArguments
@@ -35,8 +35,7 @@ def load_model(spec: JobSpec) -> PreTrainedModel:
 
 
 def prepare_tokenizer(spec: JobSpec, tokenizer: PreTrainedTokenizerBase) -> None:
-    if tokenizer.pad_token is None:
-        raise ValueError(f"tokenizer: {spec.tokenizer} has no pad token to pad batches with")
+    check_tokenizer(spec, tokenizer)  # a pad token to pad with
 
 
 def preprocess(
