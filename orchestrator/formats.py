@@ -84,13 +84,19 @@ def _json_records(fh: IO[str], limit: int) -> list[dict[str, Any]]:
         first = fh.read(1)
     if first == "[":  # a JSON array of records: the whole file is one document
         records = json.loads(first + fh.read())
-        return [r for r in records[:limit] if isinstance(r, dict)]
+        if any(not isinstance(r, dict) for r in records[:limit]):
+            raise FormatError("a JSON array whose entries are not objects (records)")
+        return list(records[:limit])
     out: list[dict[str, Any]] = []
-    for line in chain([first + fh.readline()], fh):  # JSON lines
+    for number, line in enumerate(chain([first + fh.readline()], fh), 1):  # JSON lines
         if len(out) >= limit:
             break
         if line.strip():
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                # Named by its line only: the value itself may be anything, secrets included.
+                raise FormatError(f"line {number} is not a JSON object")
+            out.append(record)
     return out
 
 

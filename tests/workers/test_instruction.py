@@ -196,36 +196,36 @@ class Evaluations(TrainerCallback):
 def test_instruction_job_reports_exact_match_and_ranks_checkpoints_by_it(tmp_path: Path) -> None:
     """The example spec, cut to a few steps: the wiring end to end (the learning itself is
     the opt-in test below)."""
-    from orchestrator.store import Store
-    from workers.reporting import StoreReporter
+    from tests.support import attempt_session
+    from workers import attempt
 
     spec, text = load_spec(JOBS / "gpt2_instruct.yaml", [
         "training.max_steps=4", "training.eval_steps=2", "training.save_steps=2",
         "dataset.max_train_samples=64", "dataset.max_eval_samples=8", "training.logging_steps=1",
         "training.warmup_steps=0", "training.generation_max_length=4"])
     assert spec.checkpoints.best_metric == "eval_exact_match" and spec.checkpoints.best_mode == "max"
-    store = Store(f"sqlite:///{tmp_path}/orch.db")
-    job = store.create_job(name=spec.name, objective="clm", owner="o", spec=spec.to_dict(),
-                           spec_yaml=text, gpus=0, cpus=1, artifact_root=tmp_path)
-    assert job.id is not None
     evaluations = Evaluations()
-    final = run_training(spec, tmp_path / "run",
-                         callbacks=[StoreReporter(store, job.id, 1, spec), evaluations])
+    with attempt_session(tmp_path, spec) as session:
+        store, job_id = session.store, session.job_id
+        client = session.client()
+        final = attempt.train(attempt.begin(client, where="here", details={}), client,
+                              callbacks=[evaluations])
+        run = Path(store.require_job(job_id).artifact_dir)
+        stored = [m.step for m in store.metrics(job_id, "eval_exact_match")]
+        ckpts = [c for c in store.checkpoints(job_id) if c.kind == "checkpoint"]
     assert [step for step, _ in evaluations.seen] == [0, 2, 4]
     for _, metrics in evaluations.seen:
         assert set(INSTRUCTION_METRICS) <= set(metrics)
         assert 0.0 <= metrics["eval_exact_match"] <= 1.0
     assert evaluations.seen[0][1]["eval_exact_match"] == 0.0  # the untrained model
     assert final["eval_exact_match"] == evaluations.seen[-1][1]["eval_exact_match"]
-    assert [m.step for m in store.metrics(job.id, "eval_exact_match")] == [0, 2, 4]
-    ckpts = [c for c in store.checkpoints(job.id) if c.kind == "checkpoint"]
+    assert stored == [0, 2, 4]
     assert all("eval_exact_match" in c.metrics for c in ckpts)
     assert sum(c.is_best for c in ckpts) == 1
     # The final model answers greedily, generation_max_length tokens at most, by default.
-    final_model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    final_model = AutoModelForCausalLM.from_pretrained(run / "final")
     assert final_model.generation_config.max_new_tokens == 4
     assert final_model.generation_config.do_sample is False
-    store.close()
 
 
 def test_exact_match_counts_only_identical_answers() -> None:
