@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from orchestrator.config import orch_home
+
+if TYPE_CHECKING:
+    import psutil
 
 
 class ClusterError(RuntimeError):
@@ -139,36 +144,102 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
     return tgt
 
 
+def _our_ports() -> set[int]:
+    """The TCP ports our local cluster's processes listen on (from the same settings
+    `start_local` passes to `ray start`)."""
+    return {ray_port(), dashboard_port(), int(os.environ.get("ORCH_RAY_CLIENT_PORT", "10001")),
+            int(os.environ.get("ORCH_RAY_AGENT_PORT", "52365"))}
+
+
+def local_cluster_processes() -> list[psutil.Process]:
+    """Every process of the local cluster on our port, and of no other cluster.
+
+    Ours are: the processes with an argument ending in our GCS port (gcs_server, raylet,
+    dashboard, monitors, client server), or listening on one of our ports; those naming
+    the session directory of one of those in their command lines; and all their
+    descendants. The descendants matter: Ray retitles its agents (`ray::DashboardAgent`,
+    `ray::RuntimeEnvAgent`), its workers (`ray::IDLE`, `ray::<Actor>`) and the dashboard's
+    module processes, so their command lines name neither the port nor the session. A
+    retitled process orphaned by an earlier, incomplete stop (no longer a descendant) is
+    still ours when it holds one of our ports or has a file of our session open.
+    """
+    import psutil
+
+    port = ray_port()
+    me = os.getpid()
+    # An argument ending in our port: --gcs_server_port=6390, --gcs-address=10.0.0.1:6390.
+    marks = (f"={port}\0", f":{port}\0")
+    found: dict[int, psutil.Process] = {}
+    procs: dict[int, tuple[psutil.Process, list[str]]] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == me:
+            continue
+        cmdline = proc.info["cmdline"] or []
+        procs[proc.pid] = (proc, cmdline)
+        if any(mark in "\0".join(cmdline) + "\0" for mark in marks):
+            found[proc.pid] = proc
+    ports = _our_ports()
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if (conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports
+                    and conn.pid in procs):
+                found[conn.pid] = procs[conn.pid][0]
+    # A session directory: /tmp/ray/session_2026-01-31_12-00-00_123456_789 (an argument
+    # may hold a whole command line, e.g. the raylet's agent commands).
+    named = {pid: " ".join(procs[pid][1]) for pid in found}
+    sessions = {name for pid, line in named.items()
+                for text in ([line] if "/session_" in line else _open_paths(found[pid]))
+                for name in re.findall(r"/(session_[^/\s'\"]+)", text)}
+    _add_descendants(found, procs)
+    for pid, (proc, cmdline) in procs.items():
+        if pid in found or not sessions:
+            continue
+        line = " ".join(cmdline)
+        paths = _open_paths(proc) if line.startswith(("ray::", "ray-dashboard-")) else []
+        if any(f"/{s}/" in text or text.endswith(f"/{s}") for s in sessions
+               for text in [line, *paths]):
+            found[pid] = proc
+    _add_descendants(found, procs)
+    return list(found.values())
+
+
+def _add_descendants(found: dict[int, psutil.Process],
+                     procs: dict[int, tuple[psutil.Process, list[str]]]) -> None:
+    children: dict[int, list[int]] = {}
+    for pid, (proc, _) in procs.items():
+        with contextlib.suppress(Exception):
+            children.setdefault(proc.ppid(), []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = procs[child][0]
+                todo.append(child)
+
+
+def _open_paths(proc: psutil.Process) -> list[str]:
+    import psutil
+
+    try:
+        return [f.path for f in proc.open_files()]
+    except psutil.Error:
+        return []
+
+
 def stop_local(timeout: float = 15.0) -> None:
     """Stop the local cluster on our port, and only it.
 
     Not `ray stop`: that kills every Ray process of the machine, including other users' and
-    other test sessions' clusters. Ours are the processes that name our GCS port or our
-    session directory (read from our GCS server's command line); the workers die with their
-    raylet.
+    other test sessions' clusters. See `local_cluster_processes` for which processes are
+    ours; all of them are collected before any is signalled, as a raylet that exits first
+    would otherwise orphan its agents and workers (re-parented, no longer found as its
+    descendants).
     """
     import psutil
 
     if not target().local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not stop it")
-    port = ray_port()
-    # An argument ending in our port: --gcs_server_port=6390, --gcs-address=10.0.0.1:6390.
-    marks = (f"={port}\0", f":{port}\0")
-    procs: list[psutil.Process] = []
-    for proc in psutil.process_iter(["cmdline"]):
-        line = "\0".join(proc.info["cmdline"] or []) + "\0"
-        if proc.pid != os.getpid() and any(mark in line for mark in marks):
-            procs.append(proc)
-    sessions = set()
-    for proc in procs:
-        for arg in proc.info["cmdline"] or []:
-            if "/session_" in arg:
-                sessions.add(arg[arg.index("/session_"):].split("/")[1])
-    if sessions:
-        for proc in psutil.process_iter(["cmdline"]):
-            line = " ".join(proc.info["cmdline"] or [])
-            if proc not in procs and any(f"/{s}/" in line or line.endswith(f"/{s}") for s in sessions):
-                procs.append(proc)
+    procs = local_cluster_processes()
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -176,6 +247,7 @@ def stop_local(timeout: float = 15.0) -> None:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _env_int(name: str) -> int | None:
