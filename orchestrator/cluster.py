@@ -19,6 +19,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,8 +108,22 @@ def _ensure_token() -> Path:
     return path
 
 
-def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> ClusterTarget:
-    """Start the local cluster unless it is already up. Idempotent."""
+# Ray settings for the local cluster: the environment of `ray start`, which every Ray process
+# it starts reads. A value already in the environment wins.
+RAY_SETTINGS = {
+    # At the first driver that connects (for Ray Jobs: the dashboard agent's, at the first
+    # submission) the raylet prestarts one idle worker per CPU. orch never uses them: every
+    # actor of a job carries its Ray Job's runtime env, so it gets a worker process of its
+    # own. They only import Ray (about a CPU-second each, one per CPU: 64 on a 64-core
+    # node) while the first job starts, and are then killed as idle.
+    "RAY_prestart_worker_first_driver": "0",
+}
+
+
+def start_local(num_cpus: int | None = None, num_gpus: int | None = None,
+                settle_timeout: float = 30.0) -> ClusterTarget:
+    """Start the local cluster unless it is already up, then wait (at most `settle_timeout`
+    seconds) until it has finished starting up (see `wait_settled`). Idempotent."""
     tgt = target()
     if not tgt.local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not start it")
@@ -133,7 +148,7 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
         # On a CPU machine this declares fake GPU capacity: GPU scheduling is exercised and
         # training falls back to the CPU.
         cmd.append(f"--num-gpus={num_gpus}")
-    env = {**os.environ, **auth_env()}
+    env = {**RAY_SETTINGS, **os.environ, **auth_env()}
     env.pop("RAY_ADDRESS", None)
     log = orch_home() / "ray" / "ray-start.log"
     with log.open("w") as out:
@@ -141,7 +156,50 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None) -> Clu
     if proc.returncode != 0 or not is_up(tgt.jobs_url, timeout=10):
         tail = log.read_text()[-1500:]
         raise ClusterError(f"could not start the local Ray cluster (see {log}):\n{tail}")
+    if settle_timeout > 0:
+        waited = wait_settled(settle_timeout)
+        with log.open("a") as out:
+            out.write(f"orch: the cluster settled {waited:.1f}s after `ray start` returned "
+                      f"(limit {settle_timeout:.0f}s)\n")
     return tgt
+
+
+def wait_settled(timeout: float = 30.0, busy_cores: float = 0.15, window: float = 2.0) -> float:
+    """Wait until the local cluster's processes, together, use less than `busy_cores` of
+    a CPU over `window` seconds; at most `timeout` seconds. Returns the seconds waited.
+
+    `ray start` returns while the dashboard's modules, the agents and the monitors are
+    still importing and registering (several CPU-seconds); a job submitted meanwhile
+    competes with them for the CPU. An idle cluster uses about 0.05 of a core. Cheap:
+    a few psutil reads every half second.
+    """
+    import psutil
+
+    started = time.monotonic()
+    procs: dict[int, psutil.Process] = {}
+    samples: list[tuple[float, float]] = []  # (time, CPU seconds of all known processes)
+    cpu: dict[int, float] = {}
+    last_search = -1e9
+    while True:
+        now = time.monotonic()
+        if now - last_search >= window:  # new processes appear while it starts
+            procs.update({p.pid: p for p in local_cluster_processes()})
+            last_search = now
+        for pid, proc in list(procs.items()):
+            try:
+                times = proc.cpu_times()
+                cpu[pid] = times.user + times.system
+            except psutil.Error:
+                del procs[pid]  # exited: its last reading stands
+        samples.append((now, sum(cpu.values())))
+        # The quietness of the last `window`: only processes seen throughout it count fully,
+        # so a process found late (its whole start-up counted at once) keeps us waiting.
+        earlier = [s for s in samples if s[0] <= now - window]
+        if earlier and (samples[-1][1] - earlier[-1][1]) / (now - earlier[-1][0]) < busy_cores:
+            return now - started
+        if now - started >= timeout:
+            return now - started
+        time.sleep(0.5)
 
 
 def _our_ports() -> set[int]:

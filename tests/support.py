@@ -80,3 +80,36 @@ def make_bucket(env: dict[str, str], name: str) -> str:
                           region_name=env["AWS_DEFAULT_REGION"])
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# The local Ray clusters the tests start, by their ports before ORCH_TEST_PORT_OFFSET: the
+# session cluster (tests/conftest.py) and tests/orchestrator/test_cluster.py's own.
+SESSION_CLUSTER_PORTS = {"ORCH_RAY_PORT": 6391, "ORCH_RAY_DASHBOARD_PORT": 8266,
+                         "ORCH_RAY_CLIENT_PORT": 9011, "ORCH_RAY_AGENT_PORT": 52375}
+CLUSTER_TEST_PORTS = {"ORCH_RAY_PORT": 6394, "ORCH_RAY_DASHBOARD_PORT": 8269,
+                      "ORCH_RAY_CLIENT_PORT": 9041, "ORCH_RAY_AGENT_PORT": 52405}
+
+
+def offset_ports(base: dict[str, int]) -> dict[str, int]:
+    """`base` shifted by ORCH_TEST_PORT_OFFSET (two test sessions on one machine)."""
+    import os
+
+    offset = int(os.environ.get("ORCH_TEST_PORT_OFFSET", "0"))
+    return {key: port + offset for key, port in base.items()}
+
+
+def stop_test_clusters() -> None:
+    """Stop what is left of the clusters the tests start (an interrupted run), and nothing
+    else: not `ray stop`, which stops every Ray cluster on the machine."""
+    import os
+
+    from orchestrator import cluster
+
+    os.environ.pop("RAY_ADDRESS", None)
+    for base in (SESSION_CLUSTER_PORTS, CLUSTER_TEST_PORTS):
+        os.environ.update({key: str(port) for key, port in offset_ports(base).items()})
+        cluster.stop_local()
+
+
+if __name__ == "__main__":
+    stop_test_clusters()

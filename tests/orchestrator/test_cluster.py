@@ -17,12 +17,10 @@ import psutil
 import pytest
 
 from orchestrator import cluster
+from tests.support import CLUSTER_TEST_PORTS, offset_ports
 
-OFFSET = int(os.environ.get("ORCH_TEST_PORT_OFFSET", "0"))
-# Ports of these tests' own, apart from the session cluster's (tests/conftest.py) and the
-# benchmarks' (bench/common.py).
-PORTS = {"ORCH_RAY_PORT": 6394 + OFFSET, "ORCH_RAY_DASHBOARD_PORT": 8269 + OFFSET,
-         "ORCH_RAY_CLIENT_PORT": 9041 + OFFSET, "ORCH_RAY_AGENT_PORT": 52405 + OFFSET}
+# Ports of these tests' own, apart from the session cluster's and the benchmarks'.
+PORTS = offset_ports(CLUSTER_TEST_PORTS)
 # A process that sleeps, with its arguments in its command line, like Ray's daemons.
 SLEEPER = "import time; time.sleep(120)"
 # A parent (marked like a raylet) whose child carries no mark at all, like Ray's retitled
