@@ -129,3 +129,23 @@ def test_stop_local_leaves_nothing_of_a_real_cluster(cluster_env: dict[str, int]
             if session in " ".join(p.info["cmdline"] or [])]
     assert not left, f"processes of the stopped session remain: {left}"
     assert all(_port_free(port) for port in cluster_env.values()), cluster_env
+
+
+def test_wait_settled_waits_for_the_cluster_to_go_quiet_and_no_longer_than_its_limit(
+        cluster_env: dict[str, int], spawned: list[subprocess.Popen[bytes]]) -> None:
+    # A stand-in daemon of our cluster, busy until it has used CPU_S of CPU, then idle.
+    # (A low busy_cores keeps the test right on a crowded machine, where the stand-in
+    # gets a small share of a core.)
+    burner = ("import sys, time\n"
+              "while time.process_time() < float(sys.argv[1]): pass\n"
+              "time.sleep(120)")
+    port = cluster_env["ORCH_RAY_PORT"]
+    spawned.append(subprocess.Popen([sys.executable, "-c", burner, "0.8", f"--gcs_server_port={port}"]))
+    started = time.monotonic()
+    cluster.wait_settled(timeout=30, busy_cores=0.02, window=0.5)
+    used = psutil.Process(spawned[-1].pid).cpu_times()
+    assert used.user + used.system >= 0.75, "returned while it was busy"
+    assert time.monotonic() - started < 25
+    # Busy for longer than the limit: it gives up at the limit.
+    spawned.append(subprocess.Popen([sys.executable, "-c", burner, "60", f"--gcs_server_port={port}"]))
+    assert 1.5 <= cluster.wait_settled(timeout=1.5, busy_cores=0.02, window=0.5) < 5
