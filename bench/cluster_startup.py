@@ -15,6 +15,7 @@ left to settle for `--settle` seconds first. Prints both CPU tables and the Trai
     python bench/cluster_startup.py --env RAY_xxx=1        # the same with a Ray setting
     python bench/cluster_startup.py --job jobs/t5_summarize.yaml \
         --set training.max_steps=600 --set training.epochs=null
+    python bench/cluster_startup.py --poll-cost 200     # CPU of one Jobs API status read
     python bench/cluster_startup.py --job jobs/t5_summarize.yaml --sequence 2 --per-job \
         --set training.max_steps=100 --set training.epochs=null  # CPU: first job vs second
 
@@ -27,6 +28,7 @@ none); with --job, `first_job_train_runtime_s`, `settled_job_train_runtime_s` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -82,6 +84,52 @@ def idle_profile(args: argparse.Namespace) -> None:
                     if all(t < args.settled_cpu for t in per_10s[w:])), -1)
     print(f"startup_cpu_s: {sum(totals):.1f}")
     print(f"settled_after_s: {settled:.0f}")
+
+
+def poll_cost(args: argparse.Namespace) -> None:
+    """CPU per Jobs API status read (what the control plane does for every active job on
+    every scheduler tick), over all of the cluster's processes and the caller: a Ray Job
+    that sleeps is polled `--poll-cost` times, against the same wall time without polling."""
+    import psutil
+
+    from orchestrator import cluster
+
+    cluster.apply_auth_env()  # before Ray is imported: it reads these once
+    from ray.job_submission import JobSubmissionClient
+
+    if cluster.is_up():
+        sys.exit(f"a cluster already answers on {cluster.target().jobs_url}; stop it first")
+    try:
+        cluster.start_local(num_cpus=args.num_cpus)
+        client = JobSubmissionClient(cluster.target().jobs_url)
+        sid = client.submit_job(entrypoint="sleep 600", entrypoint_num_cpus=0)
+        while client.get_job_info(sid).status.value != "RUNNING":
+            time.sleep(0.5)
+        cluster.wait_settled()
+        procs = cluster.local_cluster_processes()
+
+        def cpu() -> float:
+            total = time.process_time()
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+            return total
+
+        c0, t0 = cpu(), time.monotonic()
+        for _ in range(args.poll_cost):
+            client.get_job_info(sid)
+        c1, t1 = cpu(), time.monotonic()
+        time.sleep(t1 - t0)  # the same wall time, not polling: the idle baseline
+        c2, t2 = cpu(), time.monotonic()
+        client.stop_job(sid)
+    finally:
+        cluster.stop_local()
+    per_call_ms = ((c1 - c0) - (c2 - c1) * (t1 - t0) / (t2 - t1)) / args.poll_cost * 1000
+    print(f"load average {os.getloadavg()[0]:.1f}; {args.poll_cost} get_job_info calls in "
+          f"{t1 - t0:.1f} s; idle baseline {(c2 - c1) / (t2 - t1) * 100:.1f}% of a core")
+    print(f"get_job_info_cpu_ms: {per_call_ms:.1f}  (cluster processes and caller together; "
+          f"at one call per 0.5 s tick: {per_call_ms / 5:.1f}% of a core per active job)")
 
 
 def orch(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -156,6 +204,8 @@ def main() -> None:
                         help="idle profile: also time orchestrator.cluster.wait_settled")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for `ray start` (e.g. a RAY_* setting)")
+    parser.add_argument("--poll-cost", type=int, default=0, metavar="N",
+                        help="instead: CPU per Jobs API status read, over N reads")
     parser.add_argument("--job", help="a spec: compare its first run after `orch up` with a settled one")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--settle", type=float, default=60, help="seconds the settled run waits")
@@ -166,6 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(bench_env())
     os.environ.update(dict(item.split("=", 1) for item in args.env))
+    if args.poll_cost:
+        return poll_cost(args)
     if not args.job:
         return idle_profile(args)
     if args.sequence:

@@ -148,6 +148,8 @@ class CpuSampler:
                                                for a, b in itertools.pairwise(edges)) + "    total | pids |"
         lines = [head, "|" + "---|" * (len(edges) + 2)]
         for k in sorted(names, key=lambda k: -sum(per_kind[k])):
+            if sum(per_kind[k]) < 0.05:
+                continue  # e.g. `sleep 1`: the JobSupervisor's watchdog shell starts one a second
             lines.append(f"| {k:<32} |" + "".join(f" {v:8.1f} |" for v in per_kind[k])
                          + f" {sum(per_kind[k]):8.1f} | {pids[k]:4d} |")
         totals = [sum(per_kind[k][w] for k in names if not skip(k)) for w in range(len(edges) - 1)]
