@@ -25,7 +25,7 @@ if [[ -n "${PYTHON:-}" ]]; then py=$PYTHON
 elif [[ -x .venv/bin/python ]]; then py=.venv/bin/python
 else py=python3
 fi
-read -r limit_tp limit_job limit_ad <<<"${GPU_CHECK_LIMITS:-270 150 90}"
+read -r limit_tp limit_job limit_ad <<<"${GPU_CHECK_LIMITS:-210 120 120}"
 work=$(mktemp -d /tmp/orch-gpu-check-XXXX)
 rows="$work/rows.tsv"
 : >"$rows"
@@ -35,11 +35,13 @@ row() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$rows"; }
 
 # -- 0. the machine -----------------------------------------------------------------------
 gpu=$("$py" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "none")' 2>&1 | tail -1)
+machine=$gpu
+[[ "$gpu" == "none" ]] && machine="no GPU (dry run)"
 if [[ $dry -eq 0 && "$gpu" == "none" ]]; then
   echo "no CUDA GPU visible to $py (torch: $("$py" -c 'import torch; print(torch.__version__)' 2>&1 | tail -1)); use --dry-run on a CPU" >&2
   exit 2
 fi
-row "machine" "$gpu" "-" "python $("$py" -c 'import sys; print(sys.version.split()[0])'), torch $("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null), $(nproc) CPUs"
+row "machine" "$machine" "-" "python $("$py" -c 'import sys; print(sys.version.split()[0])'), torch $("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null), $(nproc) CPUs"
 
 # -- 1. throughput: tokens/s, MFU, bf16, clm and seq2seq ------------------------------------
 start=$SECONDS
@@ -115,13 +117,40 @@ fi
 # -- 3. full model against LoRA: memory (bench/adapters.py, written elsewhere) ----------------
 start=$SECONDS
 if [[ -f bench/adapters.py ]]; then
-  device=cuda
-  [[ $dry -eq 1 ]] && device=cpu
-  if timeout "$limit_ad" "$py" bench/adapters.py --device "$device" >"$work/adapters.log" 2>&1; then
-    row "adapters: full vs LoRA memory" "ok" "$((SECONDS - start))" "$(tail -1 "$work/adapters.log" | cut -c1-300)"
+  ad_args=(--device cuda)
+  [[ $dry -eq 1 ]] && ad_args=(--device cpu --models tiny --steps 6 --warmup 2)
+  if timeout "$limit_ad" "$py" bench/adapters.py "${ad_args[@]}" >"$work/adapters.log" 2>&1; then
+    # Its last line is a JSON list of runs: one row each, with what it reports.
+    cat >"$work/adapter_rows.py" <<'EOF'
+import json, sys
+lines = [x for x in open(sys.argv[1]).read().splitlines() if x.strip()]
+try:
+    runs = json.loads(lines[-1])
+except (ValueError, IndexError):
+    sys.exit(1)
+if not runs:
+    sys.exit(2)  # every run failed (it says why above its last line)
+for r in runs:
+    mem = (f"CUDA peak {r['cuda_peak_mib']} MiB" if r.get("cuda_peak_mib") is not None
+           else f"peak RSS {r.get('peak_rss_mib')} MiB")
+    print(f"adapters {r.get('model')} {r.get('method')}\t{mem}\t-\t"
+          f"train state {r.get('train_state_mib')} MiB, {r.get('tokens_per_s')} tokens/s, "
+          f"trainable {r.get('trainable_fraction')}, checkpoint {r.get('checkpoint_mib')} MiB")
+EOF
+    "$py" "$work/adapter_rows.py" "$work/adapters.log" >>"$rows"
+    case $? in
+      0) row "adapters: full vs LoRA memory" "ok" "$((SECONDS - start))" "bench/adapters.py ${ad_args[*]}" ;;
+      2) failed=1
+         row "adapters: full vs LoRA memory" "FAILED (no run succeeded)" "$((SECONDS - start))" \
+           "$(grep -m1 -iE 'error|failed' "$work/adapters.log" | cut -c1-300)" ;;
+      *) row "adapters: full vs LoRA memory" "ok (last line not a JSON list)" "$((SECONDS - start))" \
+           "$(tail -1 "$work/adapters.log" | cut -c1-300)" ;;
+    esac
   else
+    rc=$?
     failed=1
-    row "adapters: full vs LoRA memory" "FAILED" "$((SECONDS - start))" "$(tail -2 "$work/adapters.log" | tr '\t\n' '  ' | cut -c1-300)"
+    row "adapters: full vs LoRA memory" "FAILED (exit $rc$([[ $rc -eq 124 ]] && echo ', time limit'))" \
+      "$((SECONDS - start))" "$(tail -2 "$work/adapters.log" | tr '\t\n' '  ' | cut -c1-300)"
   fi
 else
   row "adapters: full vs LoRA memory" "skipped" "0" "bench/adapters.py is not in this checkout"
