@@ -23,6 +23,7 @@ The last lines are `ratio: X` (orch / direct, medians) and `overhead_s: Y` (orch
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,6 +44,8 @@ DEFAULT_SETS = ("training.max_steps=600", "training.epochs=null")
 DIRECT_PHASES = ("interpreter + imports (torch, transformers)", "load model + data, tokenize, Trainer",
                  "train() (the Trainer's train_runtime)", "after train(): final eval, save",
                  "interpreter exit")
+# Shown under the phases, not part of their sum: the step-0 evaluation inside train().
+EVAL0 = "(of train(): the step-0 evaluation, eval_runtime)"
 ORCH_PHASES = ("CLI start, validate, POST, preflight", "admission (queued -> pending)",
                "Ray Job submission accepted", "JobSupervisor + driver start, ray.init, spec read",
                "actor start (lease, worker process)", "actor __init__, train() dispatched",
@@ -69,9 +72,12 @@ def direct(spec_file: str, overrides: list[str]) -> None:
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
             marks["train_begin"] = time.time()
 
-        def on_log(self, *args: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any,
+                   logs: dict[str, float] | None = None, **kwargs: Any) -> None:
             if logs and "train_runtime" in logs:
                 marks["train_runtime"] = float(logs["train_runtime"])
+            if logs and "eval_runtime" in logs and state.global_step == 0:
+                marks["eval0"] = float(logs["eval_runtime"])
 
     spec, _ = load_spec(spec_file, overrides)
     with tempfile.TemporaryDirectory() as out:
@@ -80,7 +86,8 @@ def direct(spec_file: str, overrides: list[str]) -> None:
     train_end = marks["train_begin"] + marks["train_runtime"]
     print("PHASES", json.dumps({"born": born, "phases": [
         imported - born, marks["train_begin"] - imported, marks["train_runtime"], done - train_end],
-        "done": done, "eval": {k: round(v, 4) for k, v in metrics.items()
+        "done": done, "eval0": marks.get("eval0", 0.0),
+        "eval": {k: round(v, 4) for k, v in metrics.items()
                                if k in ("eval_loss", "eval_rougeL")}}))
 
 
@@ -95,7 +102,7 @@ def run_direct(spec: str, sets: list[str], env: dict[str, str]) -> tuple[float, 
     data = json.loads(line.removeprefix("PHASES "))
     phases = data["phases"]
     phases[0] += data["born"] - start  # the fork and exec before the process existed
-    return end - start, [*phases, end - data["done"]]
+    return end - start, [*phases, end - data["done"], data["eval0"]]
 
 
 def run_orch(spec: str, sets: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
@@ -123,6 +130,7 @@ def orch_phases(job_id: int, start: float, end: float) -> list[float]:
         sid = store.attempts(job_id)[-1].ray_submission_id
         begin = next(m.at.timestamp() for m in store.metrics(job_id, name="total_steps"))
         runtime = store.metrics(job_id, name="train_runtime")[-1].value
+        eval0 = next((m.value for m in store.metrics(job_id, name="eval_runtime") if m.step == 0), 0.0)
     finally:
         store.close()
     url = cluster.target().jobs_url
@@ -137,7 +145,7 @@ def orch_phases(job_id: int, start: float, end: float) -> list[float]:
              event("TrainingWorker.__init__", "PENDING_ARGS_AVAIL"),
              event("TrainingWorker.__init__", "RUNNING"), event("TrainingWorker.train", "RUNNING"),
              at["running"], begin, begin + runtime, at["succeeded"], end]
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return [*(b - a for a, b in itertools.pairwise(marks)), eval0]
 
 
 def main() -> None:
@@ -185,6 +193,9 @@ def main() -> None:
             values = [phases[i] for _, phases in runs]
             print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values)
                   + f" | {statistics.median(values):.1f} |")
+        values = [phases[-1] for _, phases in runs]
+        print(f"| {EVAL0} | " + " | ".join(f"{v:.1f}" for v in values)
+              + f" | {statistics.median(values):.1f} |")
         walls = [w for w, _ in runs]
         print("| **wall** | " + " | ".join(f"{w:.1f}" for w in walls)
               + f" | {statistics.median(walls):.1f} |")

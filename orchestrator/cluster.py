@@ -292,20 +292,37 @@ def stop_local(timeout: float = 15.0) -> None:
     ours; all of them are collected before any is signalled, as a raylet that exits first
     would otherwise orphan its agents and workers (re-parented, no longer found as its
     descendants).
+
+    The GCS server goes last: on SIGTERM the raylet and the autoscaler monitor still talk
+    to it (the monitor publishes its exit through it), and with the GCS gone first they
+    wait out their RPC retries, 15 s and more, where in this order everything has exited
+    within a few seconds. What is still alive after `timeout` (per stage) is killed.
     """
     import psutil
 
     if not target().local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not stop it")
     procs = local_cluster_processes()
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
+    gcs = [p for p in procs if _is_gcs_server(p)]
+    for stage in ([p for p in procs if p not in gcs], gcs):
+        for proc in stage:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(stage, timeout=timeout)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _is_gcs_server(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return False
+    return bool(cmdline) and os.path.basename(cmdline[0]) == "gcs_server"
 
 
 def _env_int(name: str) -> int | None:
