@@ -111,7 +111,7 @@ def test_stop_local_stops_its_whole_process_tree_and_nothing_else(
 def test_stop_local_leaves_nothing_of_a_real_cluster(cluster_env: dict[str, int]) -> None:
     """One real `ray start` (the ~10-20 s this file costs): every process Ray started for
     it, the retitled agents included, is gone after stop_local, and its ports are free."""
-    cluster.start_local(num_cpus=1, num_gpus=0)
+    cluster.start_local(num_cpus=1, num_gpus=0, settle_timeout=0)
     try:
         procs = cluster.local_cluster_processes()
         titles = {" ".join(p.cmdline())[:40] for p in procs}
