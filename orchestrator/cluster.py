@@ -209,17 +209,25 @@ def _our_ports() -> set[int]:
             int(os.environ.get("ORCH_RAY_AGENT_PORT", "52365"))}
 
 
+# A session directory, /tmp/ray/session_2026-01-31_12-00-00_123456_789, in a command line
+# (an argument may hold a whole command line: the raylet's agent commands) or a file path.
+_SESSION_DIR = re.compile(r"(/[^\s'\"=]*?/session_[^/\s'\"]+)")
+
+
 def local_cluster_processes() -> list[psutil.Process]:
     """Every process of the local cluster on our port, and of no other cluster.
 
     Ours are: the processes with an argument ending in our GCS port (gcs_server, raylet,
-    dashboard, monitors, client server), or listening on one of our ports; those naming
-    the session directory of one of those in their command lines; and all their
-    descendants. The descendants matter: Ray retitles its agents (`ray::DashboardAgent`,
-    `ray::RuntimeEnvAgent`), its workers (`ray::IDLE`, `ray::<Actor>`) and the dashboard's
-    module processes, so their command lines name neither the port nor the session. A
-    retitled process orphaned by an earlier, incomplete stop (no longer a descendant) is
-    still ours when it holds one of our ports or has a file of our session open.
+    dashboard, monitors, client server); those naming one of their session directories;
+    and all their descendants. The descendants matter: Ray retitles its agents
+    (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`), its workers (`ray::IDLE`,
+    `ray::<Actor>`) and the dashboard's module processes, so their command lines name
+    neither the port nor the session. A retitled process orphaned by an earlier,
+    incomplete stop (no longer anyone's descendant), or one listening on our dashboard,
+    client or agent port, is ours when its session is: when a file it has open lies in a
+    session directory whose GCS port (Ray's `gcs_server_port_*` file there) is ours. Ray's
+    own defaults for those three ports are orch's, so a port alone proves nothing: it may
+    be a plain `ray start` cluster's.
     """
     import psutil
 
@@ -236,27 +244,31 @@ def local_cluster_processes() -> list[psutil.Process]:
         procs[proc.pid] = (proc, cmdline)
         if any(mark in "\0".join(cmdline) + "\0" for mark in marks):
             found[proc.pid] = proc
-    ports = _our_ports()
+    verdicts = {d: True for pid in found for d in _SESSION_DIR.findall(" ".join(procs[pid][1]))}
+
+    def ours(session_dir: str) -> bool:
+        if session_dir not in verdicts:
+            verdicts[session_dir] = any(
+                f.read_text().strip() == str(port)
+                for f in Path(session_dir).glob("gcs_server_port_*") if f.is_file())
+        return verdicts[session_dir]
+
+    for pid, (_, cmdline) in procs.items():  # those naming one of our sessions
+        if pid not in found and any(map(ours, _SESSION_DIR.findall(" ".join(cmdline)))):
+            found[pid] = procs[pid][0]
+    _add_descendants(found, procs)
+    # Retitled processes that are nobody's descendant any more, and listeners on our
+    # other ports: ours if their open files lie in one of our sessions.
+    suspects = {pid for pid, (_, cmdline) in procs.items()
+                if cmdline and cmdline[0].startswith(("ray::", "ray-dashboard-"))}
     with contextlib.suppress(psutil.Error):
         for conn in psutil.net_connections(kind="tcp"):
-            if (conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports
-                    and conn.pid in procs):
-                found[conn.pid] = procs[conn.pid][0]
-    # A session directory: /tmp/ray/session_2026-01-31_12-00-00_123456_789 (an argument
-    # may hold a whole command line, e.g. the raylet's agent commands).
-    named = {pid: " ".join(procs[pid][1]) for pid in found}
-    sessions = {name for pid, line in named.items()
-                for text in ([line] if "/session_" in line else _open_paths(found[pid]))
-                for name in re.findall(r"/(session_[^/\s'\"]+)", text)}
-    _add_descendants(found, procs)
-    for pid, (proc, cmdline) in procs.items():
-        if pid in found or not sessions:
-            continue
-        line = " ".join(cmdline)
-        paths = _open_paths(proc) if line.startswith(("ray::", "ray-dashboard-")) else []
-        if any(f"/{s}/" in text or text.endswith(f"/{s}") for s in sessions
-               for text in [line, *paths]):
-            found[pid] = proc
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in _our_ports():
+                suspects.add(conn.pid)
+    for pid in suspects - found.keys():
+        if pid in procs and any(ours(d) for path in _open_paths(procs[pid][0])
+                                for d in _SESSION_DIR.findall(path)):
+            found[pid] = procs[pid][0]
     _add_descendants(found, procs)
     return list(found.values())
 

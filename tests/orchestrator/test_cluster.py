@@ -21,20 +21,22 @@ from tests.support import CLUSTER_TEST_PORTS, offset_ports
 
 # Ports of these tests' own, apart from the session cluster's and the benchmarks'.
 PORTS = offset_ports(CLUSTER_TEST_PORTS)
-# A process that sleeps, with its arguments in its command line, like Ray's daemons.
-SLEEPER = "import time; time.sleep(120)"
-# A parent (marked like a raylet) whose child carries no mark at all, like Ray's retitled
-# agents and workers.
-PARENT = ("import subprocess, sys, time\n"
-          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-          "time.sleep(120)")
-# Retitled like a Ray agent, with a log file of its session open, orphaned (no parent of ours).
-AGENT = ("import sys, time\n"
-         "log = open(sys.argv[1], 'a'); time.sleep(120)")
-# Holds the agent port, unmarked, like an agent orphaned by an earlier, incomplete stop.
-LISTENER = ("import socket, sys, time\n"
-            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-            "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(120)")
+# A stand-in for one of Ray's processes: its arguments (marks like Ray's) stay in its
+# command line; `listen=PORT` holds a port, `open=FILE` keeps a file open, `child` starts a
+# child whose command line carries no mark at all (like Ray's retitled agents and workers).
+STAND_IN = (
+    "import socket, subprocess, sys, time\n"
+    "keep = []\n"
+    "for arg in sys.argv[1:]:\n"
+    "    if arg.startswith('listen='):\n"
+    "        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "        s.bind(('127.0.0.1', int(arg[7:]))); s.listen(); keep.append(s)\n"
+    "    elif arg.startswith('open='):\n"
+    "        keep.append(open(arg[5:], 'a'))\n"
+    "    elif arg == 'child':\n"
+    "        keep.append(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n")
 
 
 @pytest.fixture
@@ -74,38 +76,47 @@ def _alive(pid: int) -> bool:
 
 def test_stop_local_stops_its_whole_process_tree_and_nothing_else(
         cluster_env: dict[str, int], spawned: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
-    port, agent_port = cluster_env["ORCH_RAY_PORT"], cluster_env["ORCH_RAY_AGENT_PORT"]
-    ours, theirs = f"session_ours_{os.getpid()}", f"session_theirs_{os.getpid()}"
+    port = cluster_env["ORCH_RAY_PORT"]
 
-    def start(code: str, *args: str, title: str | None = None) -> subprocess.Popen[bytes]:
-        spawned.append(subprocess.Popen([title or sys.executable, "-c", code, *args],
-                                        executable=sys.executable))
-        return spawned[-1]
+    def session(name: str, gcs_port: int) -> Path:
+        """A session directory as Ray writes it: its GCS port in gcs_server_port_<node>."""
+        path = tmp_path / f"session_{name}_{os.getpid()}"
+        (path / "logs").mkdir(parents=True)
+        (path / "gcs_server_port_0123abcd").write_text(str(gcs_port))
+        return path
 
-    (tmp_path / ours / "logs").mkdir(parents=True)
+    ours, theirs = session("ours", port), session("theirs", port + 1)
 
-    gcs = start(SLEEPER, f"--gcs_server_port={port}", f"--log_dir={tmp_path}/{ours}/logs")
-    raylet = start(PARENT, f"--gcs-address=127.0.0.1:{port}")
-    by_session = start(SLEEPER, f"--session-dir={tmp_path}/{ours}")
-    orphan = start(LISTENER, str(agent_port))
-    agent = start(AGENT, f"{tmp_path}/{ours}/logs/agent.log", title="ray::RuntimeEnvAgent")
-    other = start(SLEEPER, f"--gcs-address=127.0.0.1:{port + 1}", f"--log_dir={tmp_path}/{theirs}/logs")
-    deadline = time.monotonic() + 30
-    while (_port_free(agent_port) or not psutil.Process(raylet.pid).children()
-           or not psutil.Process(agent.pid).open_files()):
-        assert time.monotonic() < deadline, "the stand-in processes did not start"
-        time.sleep(0.05)
+    def start(*args: str, title: str | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([title or sys.executable, "-c", STAND_IN, *args],
+                                executable=sys.executable, stdout=subprocess.PIPE)
+        spawned.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    gcs = start(f"--gcs_server_port={port}", f"--log_dir={ours}/logs")
+    raylet = start(f"--gcs-address=127.0.0.1:{port}", "child")
     child = psutil.Process(raylet.pid).children()[0]
+    by_session = start(f"--session-dir={ours}")
+    # Orphans of an earlier, incomplete stop: ours by the session of the files they hold.
+    agent = start(f"listen={cluster_env['ORCH_RAY_AGENT_PORT']}",
+                  f"open={ours}/logs/dashboard_agent.log", title="ray::DashboardAgent")
+    env_agent = start(f"open={ours}/logs/runtime_env_agent.log", title="ray::RuntimeEnvAgent")
+    # Another cluster's, one of them on our dashboard port (Ray's default is orch's).
+    other = [start(f"--gcs-address=127.0.0.1:{port + 1}", f"--log_dir={theirs}/logs"),
+             start(f"listen={cluster_env['ORCH_RAY_DASHBOARD_PORT']}", f"open={theirs}/logs/d.log"),
+             start(f"open={theirs}/logs/w.log", title="ray::IDLE"),
+             start(f"listen={cluster_env['ORCH_RAY_CLIENT_PORT']}")]
 
     found = {p.pid for p in cluster.local_cluster_processes()}
-    assert found == {gcs.pid, raylet.pid, child.pid, by_session.pid, orphan.pid, agent.pid}
+    assert found == {gcs.pid, raylet.pid, child.pid, by_session.pid, agent.pid, env_agent.pid}
 
     cluster.stop_local(timeout=10)
-    for proc in (gcs, raylet, by_session, orphan, agent):
+    for proc in (gcs, raylet, by_session, agent, env_agent):
         proc.wait(timeout=10)
     assert not _alive(child.pid)
-    assert _port_free(agent_port)
-    assert other.poll() is None, "stop_local stopped another cluster's process"
+    assert _port_free(cluster_env["ORCH_RAY_AGENT_PORT"])
+    assert all(proc.poll() is None for proc in other), "stop_local stopped another cluster's process"
 
 
 def test_stop_local_leaves_nothing_of_a_real_cluster(cluster_env: dict[str, int]) -> None:
