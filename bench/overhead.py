@@ -1,7 +1,7 @@
-"""What orch costs on top of a plain Hugging Face Trainer run.
+"""What orch costs on top of a plain Hugging Face Trainer run, and where its fixed seconds go.
 
 Runs the same fine-tune (same spec, same steps, same threads) two ways, each in a fresh
-process, and prints both wall times:
+process, interleaved, and prints both wall times and a breakdown of each into phases:
 
 - direct: `workers.training.run_training` in-process, without Ray or the store;
 - orch:   `orch submit --wait` against an already running local cluster and control
@@ -10,12 +10,21 @@ process, and prints both wall times:
     python bench/overhead.py                      # t5_summarize, ~1 minute of training
     python bench/overhead.py --spec jobs/gpt2_clm.yaml --set training.max_steps=400
 
-The last lines are `ratio: X` (orch / direct) and `overhead_s: Y` (orch - direct).
+The orch phases come from clocks that exist anyway, all on this machine: the store's
+transitions (queued, pending, running, succeeded) and the `at` of the `total_steps` metric
+(written and flushed in the Trainer's on_train_begin); the Ray Job's start time (Jobs
+API); Ray's task events for the worker actor (its creation task: created by the driver,
+running once the actor's process is up; then its `train` task running); the Trainer's own
+`train_runtime`. The direct phases are timed by the direct process itself.
+
+The last lines are `ratio: X` (orch / direct, medians) and `overhead_s: Y` (orch - direct).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -23,44 +32,120 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import bench_env  # noqa: E402
+
 DEFAULT_SETS = ("training.max_steps=600", "training.epochs=null")
+# Phases, in order, of each way; their sum is the wall time.
+DIRECT_PHASES = ("interpreter + imports (torch, transformers)", "load model + data, tokenize, Trainer",
+                 "train() (the Trainer's train_runtime)", "after train(): final eval, save",
+                 "interpreter exit")
+# Shown under the phases, not part of their sum: the step-0 evaluation inside train().
+EVAL0 = "(of train(): the step-0 evaluation, eval_runtime)"
+ORCH_PHASES = ("CLI start, validate, POST, preflight", "admission (queued -> pending)",
+               "Ray Job submission accepted", "JobSupervisor + driver start, ray.init, spec read",
+               "actor start (lease, worker process)", "actor __init__, train() dispatched",
+               "imports (torch, transformers, store) -> running", "load model + data, tokenize, Trainer",
+               "train() (the Trainer's train_runtime)", "after train(): final eval, save, record",
+               "CLI notices the end (poll) and exits")
 
 
 def direct(spec_file: str, overrides: list[str]) -> None:
-    """The baseline: the training core alone, no Ray, no store, no control plane."""
+    """The baseline: the training core alone, no Ray, no store, no control plane. Prints
+    its phase times as JSON."""
+    import psutil
+
+    born = psutil.Process().create_time()
+    from transformers import TrainerCallback
+
     from orchestrator.spec import load_spec
     from workers.training import run_training
 
+    imported = time.time()
+    marks: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            marks["train_begin"] = time.time()
+
+        def on_log(self, args: Any, state: Any, control: Any,
+                   logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+            if logs and "train_runtime" in logs:
+                marks["train_runtime"] = float(logs["train_runtime"])
+            if logs and "eval_runtime" in logs and state.global_step == 0:
+                marks["eval0"] = float(logs["eval_runtime"])
+
     spec, _ = load_spec(spec_file, overrides)
     with tempfile.TemporaryDirectory() as out:
-        metrics = run_training(spec, Path(out))
-    print({k: round(v, 4) for k, v in metrics.items() if k in ("eval_loss", "eval_rougeL")})
+        metrics = run_training(spec, Path(out), callbacks=[Clock()])
+    done = time.time()
+    train_end = marks["train_begin"] + marks["train_runtime"]
+    print("PHASES", json.dumps({"born": born, "phases": [
+        imported - born, marks["train_begin"] - imported, marks["train_runtime"], done - train_end],
+        "done": done, "eval0": marks.get("eval0", 0.0),
+        "eval": {k: round(v, 4) for k, v in metrics.items()
+                               if k in ("eval_loss", "eval_rougeL")}}))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
+def run_direct(spec: str, sets: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
+    start = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--direct", "--spec", spec, *sets], env=env,
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    end = time.time()
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PHASES ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"direct run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    data = json.loads(line.removeprefix("PHASES "))
+    phases = data["phases"]
+    phases[0] += data["born"] - start  # the fork and exec before the process existed
+    return end - start, [*phases, end - data["done"], data["eval0"]]
+
+
+def run_orch(spec: str, sets: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
+    orch = [sys.executable, "-m", "orchestrator.cli"]
+    start = time.time()
+    proc = subprocess.run([*orch, "submit", "--wait", "-q", spec, *sets], env=env, cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    end = time.time()
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return elapsed
+        sys.exit(f"orch submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return end - start, orch_phases(int(proc.stdout.split()[0]), start, end)
 
 
-def print_breakdown(home: str) -> None:
-    """Where orch's time went, per job, from the transitions the store recorded."""
+def orch_phases(job_id: int, start: float, end: float) -> list[float]:
+    """The marks of one finished job (the cluster still up), as phase durations."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_tasks
+
+    from orchestrator import cluster
     from orchestrator.store import Store
 
-    store = Store(f"sqlite:///{home}/orch.db")
-    for job in reversed(store.list_jobs()):
-        at = {e.to_state: e.at for e in store.events(job.id)}
-        steps = [("queued", "pending", "admitted"), ("pending", "running", "Ray Job + driver + actor start"),
-                 ("running", "succeeded", "training incl. model load, evals, saves")]
-        parts = ", ".join(f"{label} {(at[b] - at[a]).total_seconds():.1f}s" for a, b, label in steps
-                          if a in at and b in at)
-        print(f"job {job.id}: {parts}")
-    store.close()
+    store = Store()
+    try:
+        at = {e.to_state: e.at.timestamp() for e in store.events(job_id)}
+        sid = store.attempts(job_id)[-1].ray_submission_id
+        begin = next(m.at.timestamp() for m in store.metrics(job_id, name="total_steps"))
+        runtime = store.metrics(job_id, name="train_runtime")[-1].value
+        eval0 = next((m.value for m in store.metrics(job_id, name="eval_runtime") if m.step == 0), 0.0)
+    finally:
+        store.close()
+    url = cluster.target().jobs_url
+    info = JobSubmissionClient(url).get_job_info(sid)
+    tasks = list_tasks(address=url, detail=True, filters=[("job_id", "=", info.job_id)])
+
+    def event(name: str, state: str) -> float:
+        task = next(t for t in tasks if t.name.endswith(name))
+        return next(e["created_ms"] for e in task.events if e["state"] == state) / 1000
+
+    marks = [start, at["queued"], at["pending"], info.start_time / 1000,
+             event("TrainingWorker.__init__", "PENDING_ARGS_AVAIL"),
+             event("TrainingWorker.__init__", "RUNNING"), event("TrainingWorker.train", "RUNNING"),
+             at["running"], begin, begin + runtime, at["succeeded"], end]
+    return [*(b - a for a, b in itertools.pairwise(marks)), eval0]
 
 
 def main() -> None:
@@ -75,29 +160,50 @@ def main() -> None:
     if args.direct:
         return direct(args.spec, overrides)
 
-    home = tempfile.mkdtemp(prefix="orch-bench-")
-    env = {**os.environ, "ORCH_HOME": home, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "ORCH_SERVER_PORT": "8772", "ORCH_RAY_PORT": "6392", "ORCH_RAY_DASHBOARD_PORT": "8267",
-           "ORCH_RAY_CLIENT_PORT": "9021", "ORCH_RAY_AGENT_PORT": "52385"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("ORCH_SERVER_URL", None)
+    os.environ.update(bench_env())
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("ORCH_SERVER_URL", None)
+    from orchestrator import cluster
+
+    cluster.apply_auth_env()  # before Ray is imported: it reads these once
+    env = dict(os.environ)
     orch = [sys.executable, "-m", "orchestrator.cli"]
     sets = [a for o in overrides for a in ("--set", o)]
+    load = [os.getloadavg()[0]]
     try:
-        cold = timed([*orch, "up"], env)
-        direct_s, orch_s = [], []
+        started = time.perf_counter()
+        subprocess.run([*orch, "up"], env=env, cwd=REPO, capture_output=True, check=True)
+        cold = time.perf_counter() - started
+        direct_runs, orch_runs = [], []
         for _ in range(args.repeats):  # interleaved, so drift hits both alike
-            direct_s.append(timed([sys.executable, __file__, "--direct", "--spec", args.spec,
-                                   *sets], env))
-            orch_s.append(timed([*orch, "submit", "--wait", args.spec, *sets], env))
+            direct_runs.append(run_direct(args.spec, sets, env))
+            orch_runs.append(run_orch(args.spec, sets, env))
+            load.append(os.getloadavg()[0])
     finally:
-        subprocess.run([*orch, "down"], env=env, capture_output=True, check=False)
-    print_breakdown(home)
-    d, o = statistics.median(direct_s), statistics.median(orch_s)
-    print(f"spec: {args.spec} {' '.join(overrides)}")
+        subprocess.run([*orch, "down"], env=env, cwd=REPO, capture_output=True, check=False)
+    d = statistics.median(w for w, _ in direct_runs)
+    o = statistics.median(w for w, _ in orch_runs)
+    print(f"spec: {args.spec} {' '.join(overrides)}; load average {min(load):.1f}-{max(load):.1f}")
     print(f"cold start (orch up: local Ray + control plane): {cold:.1f} s")
-    print(f"direct runs: {', '.join(f'{x:.1f}' for x in direct_s)} s")
-    print(f"orch runs:   {', '.join(f'{x:.1f}' for x in orch_s)} s")
+    for title, names, runs in (("direct", DIRECT_PHASES, direct_runs), ("orch", ORCH_PHASES, orch_runs)):
+        print(f"\n| {title}: phase | " + " | ".join(f"run {i + 1} s" for i in range(len(runs)))
+              + " | median s |")
+        print("|---" * (len(runs) + 2) + "|")
+        for i, name in enumerate(names):
+            values = [phases[i] for _, phases in runs]
+            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values)
+                  + f" | {statistics.median(values):.1f} |")
+        values = [phases[-1] for _, phases in runs]
+        print(f"| {EVAL0} | " + " | ".join(f"{v:.1f}" for v in values)
+              + f" | {statistics.median(values):.1f} |")
+        walls = [w for w, _ in runs]
+        print("| **wall** | " + " | ".join(f"{w:.1f}" for w in walls)
+              + f" | {statistics.median(walls):.1f} |")
+    train = [statistics.median(p[2] for _, p in direct_runs), statistics.median(p[8] for _, p in orch_runs)]
+    print(f"\ntrain_runtime: direct {train[0]:.1f} s, orch {train[1]:.1f} s "
+          f"(orch steps/s / direct steps/s: {train[0] / train[1]:.3f})")
+    print(f"fixed_s (orch wall - orch train_runtime - (direct wall - direct train_runtime)): "
+          f"{(o - train[1]) - (d - train[0]):.1f}")
     print(f"direct_s: {d:.1f}")
     print(f"orch_s: {o:.1f}")
     print(f"ratio: {o / d:.3f}")

@@ -309,31 +309,9 @@ def fresh_database(kind: str, tmp_path: Path, schema: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path}/db/orch.db"
         return
-    import os
-
-    import psycopg
-    import pytest
-    from sqlalchemy.engine import make_url
-
-    base = make_url(os.environ.get("ORCH_TEST_POSTGRES_URL",
-                                   "postgresql+psycopg://postgres@127.0.0.1:5432/test"))
-    dsn = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    try:
-        psycopg.connect(dsn, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unreachable: {exc} (a skipped PostgreSQL test in CI fails)")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
-    drop = f"DROP SCHEMA IF EXISTS {schema} CASCADE"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(drop)
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield base.set(drivername="postgresql+psycopg").update_query_dict(
-            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(drop)
+    require_postgres()
+    with postgres_schema(schema) as url:
+        yield url
 
 
 def wait_until(predicate: Any, timeout: float, what: str, every: float = 0.2) -> Any:
@@ -412,3 +390,36 @@ def postgres_schema(name: str) -> Iterator[str]:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(drop)
+
+
+# The local Ray clusters the tests start, by their ports before ORCH_TEST_PORT_OFFSET: the
+# session cluster (tests/conftest.py) and tests/orchestrator/test_cluster.py's own.
+SESSION_CLUSTER_PORTS = {"ORCH_RAY_PORT": 6391, "ORCH_RAY_DASHBOARD_PORT": 8266,
+                         "ORCH_RAY_CLIENT_PORT": 9011, "ORCH_RAY_AGENT_PORT": 52375}
+CLUSTER_TEST_PORTS = {"ORCH_RAY_PORT": 6394, "ORCH_RAY_DASHBOARD_PORT": 8269,
+                      "ORCH_RAY_CLIENT_PORT": 9041, "ORCH_RAY_AGENT_PORT": 52405}
+
+
+def offset_ports(base: dict[str, int]) -> dict[str, int]:
+    """`base` shifted by ORCH_TEST_PORT_OFFSET (two test sessions on one machine)."""
+    import os
+
+    offset = int(os.environ.get("ORCH_TEST_PORT_OFFSET", "0"))
+    return {key: port + offset for key, port in base.items()}
+
+
+def stop_test_clusters() -> None:
+    """Stop what is left of the clusters the tests start (an interrupted run), and nothing
+    else: not `ray stop`, which stops every Ray cluster on the machine."""
+    import os
+
+    from orchestrator import cluster
+
+    os.environ.pop("RAY_ADDRESS", None)
+    for base in (SESSION_CLUSTER_PORTS, CLUSTER_TEST_PORTS):
+        os.environ.update({key: str(port) for key, port in offset_ports(base).items()})
+        cluster.stop_local()
+
+
+if __name__ == "__main__":
+    stop_test_clusters()
