@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import FAKE_CPUS, FAKE_GPUS, object_store, run_orch
+from tests.support import FAKE_CPUS, FAKE_GPUS, SESSION_CLUSTER_PORTS, object_store, offset_ports, run_orch
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +31,12 @@ def orch_env(tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]) -
     # The cluster's nodes and the control plane can reach the session's object store, as a
     # team's cluster reaches its bucket (s3:// checkpoint storage).
     env.update(s3_env)
+    # The cluster's ports (the client port below Ray's worker ports 10002-19999) are those
+    # `.ci/run` cleans up after an interrupted run (tests.support.stop_test_clusters).
+    env.update({key: str(port) for key, port in offset_ports(SESSION_CLUSTER_PORTS).items()})
     env.update(
         ORCH_HOME=str(home),
-        ORCH_RAY_PORT=str(6391 + offset),
-        ORCH_RAY_DASHBOARD_PORT=str(8266 + offset),
         ORCH_SERVER_PORT=str(8771 + offset),
-        # Below Ray's worker port range (10002-19999), which the client port must not fall in.
-        ORCH_RAY_CLIENT_PORT=str(9011 + offset),
-        ORCH_RAY_AGENT_PORT=str(52375 + offset),
         ORCH_SCHEDULER_INTERVAL="0.3",
         ORCH_CLUSTER_LOSS_GRACE="8",
         HF_HUB_OFFLINE="1",
