@@ -51,12 +51,18 @@ QUEUE_PAGE = 500
 
 class Scheduler:
     def __init__(self, store: Store, executor: Executor, capacity: Capacity, *,
-                 user_gpu_cap: int | None = None, cluster_loss_grace: float = 30.0) -> None:
+                 user_gpu_cap: int | None = None, cluster_loss_grace: float = 30.0,
+                 reconcile_interval: float = 0.0) -> None:
         self.store = store
         self.executor = executor
         self.capacity = capacity
         self.user_gpu_cap = user_gpu_cap
         self.cluster_loss_grace = cluster_loss_grace
+        # Asking Ray about every active job costs CPU on both sides (a Jobs API call each);
+        # the workers report their own outcomes, so this only notices a lost one: not every
+        # tick. Admission still runs every tick.
+        self.reconcile_interval = reconcile_interval
+        self._reconciled_at = float("-inf")
         self.unreachable_since: float | None = None
         self._lock = threading.Lock()  # one tick at a time (loop thread and API calls)
 
@@ -193,7 +199,9 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------
     def tick(self) -> None:
         with self._lock:
-            self._reconcile()
+            if time.monotonic() - self._reconciled_at >= self.reconcile_interval:
+                self._reconciled_at = time.monotonic()
+                self._reconcile()
             if self.unreachable_since is None:
                 self._admit()
 

@@ -51,7 +51,8 @@ class ControlPlane:
         self.store = store
         self.scheduler = Scheduler(store, executor, capacity,
                                    user_gpu_cap=self.settings.user_gpu_cap,
-                                   cluster_loss_grace=self.settings.cluster_loss_grace)
+                                   cluster_loss_grace=self.settings.cluster_loss_grace,
+                                   reconcile_interval=self.settings.reconcile_interval)
         self.executor = executor
         self.interval = interval if interval is not None else self.settings.scheduler_interval
         self.refresh_capacity = refresh_capacity

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     scheduler_interval: float = Field(0.5, gt=0, le=60, json_schema_extra=_used_by("server"),
                                       description="seconds between scheduler ticks (submit "
                                                   "and cancel also wake it)")
+    reconcile_interval: float = Field(2.0, ge=0, le=300, json_schema_extra=_used_by("server"),
+                                      description="seconds between asking Ray about each "
+                                                  "running job (a lost worker is noticed "
+                                                  "within this; workers report their own "
+                                                  "outcomes at once)")
     cluster_loss_grace: float = Field(30.0, ge=0, json_schema_extra=_used_by("server"),
                                       description="seconds Ray may be unreachable before "
                                                   "running jobs are retried or failed")

@@ -69,6 +69,20 @@ class Decision:
     why_not: str = ""
 
 
+def show_logs() -> None:
+    """Send orch's and the training core's log lines (threads used, examples dropped, data
+    fetched...) to this worker process's stderr, which the driver streams into the job's
+    log. Ray configures no logging in a worker, so they would otherwise be lost."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("orch", "workers"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 def resume_point(job: WorkerJob) -> tuple[str | None, int, str]:
     """(checkpoint to resume from, its step, words for the history)."""
     for ckpt in job.checkpoints:  # newest first

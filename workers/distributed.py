@@ -51,6 +51,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from workers import attempt
 
+    attempt.show_logs()
     if not torch.cuda.is_available():
         # Ray Train names the device from the GPUs Ray assigned (cuda:N); fake GPUs on a CPU
         # machine have no CUDA behind them, and accelerate would follow that name.

@@ -133,6 +133,7 @@ class TrainingWorker:
 
         from workers import attempt
 
+        attempt.show_logs()
         client = ControlPlaneClient.from_environment()
         gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         device = "cuda" if torch.cuda.is_available() and gpu_ids else "cpu"
