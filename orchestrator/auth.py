@@ -102,7 +102,8 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def plane_of(request: HTTPConnection) -> ControlPlane:
-    return request.app.state.plane  # type: ignore[no-any-return]
+    plane: ControlPlane = request.app.state.plane
+    return plane
 
 
 def local_user(request: HTTPConnection) -> User:

@@ -35,7 +35,7 @@ def model_problem(spec: JobSpec, config: Any) -> str | None:
     tables = _head_tables()
     objective = spec.objective.value
     kind = getattr(config, "model_type", None)
-    if kind not in tables[objective]:
+    if not isinstance(kind, str) or kind not in tables[objective]:
         return (f"model: a {kind!r} model has no {objective} head; use a model made for "
                 f"{objective} or change objective")
     if spec.objective == Objective.CLM and _encoder_only(kind, config, tables):

@@ -100,6 +100,7 @@ def _check_messages(name: str, builder: str, spec: JobSpec) -> list[str]:
         records = formats.read_records(name, _SAMPLE_RECORDS)
     except Exception:  # a parser's message can quote the data: say what failed, not what it read
         return [f"dataset.messages_column: cannot read {name} as {builder} records"]
+    assert column is not None  # only called for a spec with a messages column
     for row, record in enumerate(records):
         if why := objective_rules.messages_problem(record.get(column)):
             return [f"dataset.messages_column: row {row} of {Path(name).name}: {why}"]
@@ -273,7 +274,8 @@ def _check_template_renders(spec: JobSpec, tokenizer: Any) -> list[str]:
         records = formats.read_records(files[0], 1) if files else []
     except (ValueError, OSError):
         return []  # the data checks report it
-    chat = records[0].get(spec.dataset.messages_column) if records else None
+    column = spec.dataset.messages_column or ""
+    chat = records[0].get(column) if records else None
     if chat is None or objective_rules.messages_problem(chat):
         return []
     try:

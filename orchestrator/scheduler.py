@@ -262,6 +262,7 @@ class Scheduler:
                 continue
             # The worker records its own outcome before its Ray Job ends. Re-read: it may
             # have just done so.
+            assert job.id is not None
             current = self.store.get_job(job.id)
             if current is None or JobState(current.state).is_terminal:
                 continue

@@ -95,7 +95,7 @@ def default_target_modules(model_type: str) -> list[str] | str | None:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
 
     found = PEFT.get(model_type)
-    return list(found) if isinstance(found, list) else found
+    return found if found is None or isinstance(found, str) else list(found)
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
@@ -246,7 +246,10 @@ def wrap(spec: JobSpec, model: PreTrainedModel) -> PreTrainedModel:
             gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = target_modules(spec, model)
     config = LoraConfig(
-        r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+        # peft annotates lora_alpha as int, but scales by alpha / r in floats: a fractional
+        # alpha works as written.
+        r=adapter.r, lora_alpha=adapter.alpha,  # type: ignore[arg-type]
+        lora_dropout=adapter.dropout,
         target_modules=targets, task_type=_task_type(spec.objective),
         modules_to_save=modules_to_save(spec, model) or None,
         # Conv1D (GPT-2) stores its weight transposed; peft would switch this on itself, warning.

@@ -99,7 +99,7 @@ class AttemptReporter(TrainerCallback):
         # an object store, uploaded by every rank).
         name = f"checkpoint-{state.global_step}"
         location = (storage.join(self.upload_to, storage.CHECKPOINTS_DIR, name) if self.upload_to
-                    else str(Path(args.output_dir) / name))
+                    else str(Path(str(args.output_dir)) / name))
         if not storage.is_complete_checkpoint(location):
             return
         self.flush()

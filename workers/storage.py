@@ -64,11 +64,11 @@ def list_files(location: str | Path) -> dict[str, int]:
             return {}
         return {p.relative_to(root).as_posix(): p.stat().st_size
                 for p in root.rglob("*") if p.is_file()}
-    fs, root = _filesystem(str(location))
-    if not fs.exists(root):
+    fs, key = _filesystem(str(location))
+    if not fs.exists(key):
         return {}
-    found = fs.find(root, detail=True)
-    prefix = root.rstrip("/") + "/"
+    found = fs.find(key, detail=True)
+    prefix = key.rstrip("/") + "/"
     return {name[len(prefix):]: int(info.get("size") or 0)
             for name, info in found.items() if name.startswith(prefix)}
 

@@ -64,13 +64,15 @@ class AtomicCheckpoints:
 
     # Set by run_training: "<url>/checkpoints" when checkpoints go to an object store.
     _orch_upload_to: str | None = None
+    # What the Trainer this is mixed into has (declared for the type checker).
+    state: TrainerState
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self._orch_upload_to:
             self._save_and_upload(model, trial, self._orch_upload_to)
             return
-        run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
-        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
         staging_root = run_dir / STAGING_DIR
         leader = rank() == 0
         if leader:
@@ -91,8 +93,8 @@ class AtomicCheckpoints:
         """Object-store checkpoints: each rank stages what it writes in a directory of its
         own (ranks on other nodes have other disks; ranks on this node must not upload each
         other's files twice) and uploads it into the one checkpoint prefix."""
-        run_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
-        name = f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
         mine = run_dir / STAGING_DIR / f"rank-{rank()}"
         shutil.rmtree(mine, ignore_errors=True)
         remote = storage.join(upload_to, name)
@@ -106,7 +108,7 @@ class AtomicCheckpoints:
 
     def _write_checkpoint_into(self, parent: Path, model: Any, trial: Any) -> None:
         # The Trainer derives the checkpoint path from _get_output_dir: point it at `parent`.
-        self._get_output_dir = lambda trial=None: str(parent)  # type: ignore[method-assign]
+        self._get_output_dir = lambda trial=None: str(parent)
         try:
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
@@ -306,7 +308,7 @@ def run_training(
 
     args = build_arguments(spec, objective, output_dir, has_eval, resume_from_checkpoint is not None)
     # Whatever a killed attempt was still writing is garbage.
-    shutil.rmtree(Path(args.output_dir) / STAGING_DIR, ignore_errors=True)
+    shutil.rmtree(Path(str(args.output_dir)) / STAGING_DIR, ignore_errors=True)
     if resume_from_checkpoint and storage.is_url(resume_from_checkpoint):
         # The Trainer resumes from a local directory. One copy per rank: ranks sharing a node
         # must not write the same files at once.

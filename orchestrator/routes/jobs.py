@@ -8,6 +8,7 @@ cancel and resume are for the job's owner or an admin.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,7 +40,7 @@ from orchestrator.auth import (
 )
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, SpecError
 from orchestrator.joblogs import read_logs
-from orchestrator.models import CheckpointKind, Job
+from orchestrator.models import Checkpoint, CheckpointKind, Job
 from orchestrator.preflight import preflight
 from orchestrator.sandbox import Rules, make_job_dir, new_job_dirs
 from orchestrator.spec import JobSpec, spec_from_dict
@@ -219,7 +220,7 @@ def resume(job_id: JobId, request: Request, user: CurrentUser) -> JobSummary:
     return JobSummary.of(job)
 
 
-def latest_complete_checkpoint(checkpoints: list) -> tuple[int, str] | None:  # type: ignore[type-arg]
+def latest_complete_checkpoint(checkpoints: Sequence[Checkpoint]) -> tuple[int, str] | None:
     """(step, path) of the newest resumable checkpoint whose files are still there."""
     from workers.storage import is_complete_checkpoint
 

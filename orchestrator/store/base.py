@@ -59,7 +59,7 @@ class StoreBase:
         """Row-lock the job so concurrent writers for it serialise (SQLite's BEGIN
         IMMEDIATE serialises anyway); NotFound when there is no such job."""
         found = session.execute(
-            select(Job.id).where(col(Job.id) == job_id).with_for_update()
+            select(col(Job.id)).where(col(Job.id) == job_id).with_for_update()
         ).scalar_one_or_none()
         if found is None:
             raise NotFound(f"job {job_id} not found")

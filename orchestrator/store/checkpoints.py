@@ -130,7 +130,7 @@ class CheckpointsStore(StoreBase):
         with self._writing() as session:
             self._lock_job(session, job_id)
             if checkpoint_id is not None:
-                owner = session.execute(select(Checkpoint.job_id).where(
+                owner = session.execute(select(col(Checkpoint.job_id)).where(
                     col(Checkpoint.id) == checkpoint_id)).scalar_one_or_none()
                 if owner != job_id:
                     raise NotFound(f"checkpoint {checkpoint_id} is not a checkpoint of job "

@@ -172,7 +172,8 @@ class JobsStore(StoreBase):
         """A page of the queue in scheduling order, without the specs: `limit` jobs after
         the (priority, id) position `after` (an index range scan on ix_jobs_queue, so a page
         costs the same however long the queue is)."""
-        query = select(Job.id, Job.owner, Job.priority, Job.gpus, Job.cpus).where(
+        query = select(col(Job.id), col(Job.owner), col(Job.priority), col(Job.gpus),
+                       col(Job.cpus)).where(
             col(Job.state) == JobState.QUEUED)
         if after is not None:
             priority, job_id = after
@@ -180,11 +181,13 @@ class JobsStore(StoreBase):
                                 | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
         query = query.order_by(col(Job.priority).desc(), col(Job.id).asc()).limit(limit)
         with self._read() as session:
-            return [QueuedJob(*row) for row in session.execute(query)]
+            return [QueuedJob(id=int(job_id or 0), owner=owner, priority=priority, gpus=gpus,
+                              cpus=cpus)
+                    for job_id, owner, priority, gpus, cpus in session.execute(query)]
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """owner -> (GPUs, CPUs) their pending and running jobs hold: one aggregate query."""
-        query = (select(Job.owner, func.sum(Job.gpus), func.sum(Job.cpus))
+        query = (select(col(Job.owner), func.sum(col(Job.gpus)), func.sum(col(Job.cpus)))
                  .where(col(Job.state).in_(list(ACTIVE_STATES))).group_by(col(Job.owner)))
         with self._read() as session:
             return {owner: (int(g or 0), int(c or 0)) for owner, g, c in session.execute(query)}
@@ -287,7 +290,8 @@ class JobsStore(StoreBase):
     @staticmethod
     def _end_attempt(session: Session, job_id: int,
                      ended: tuple[AttemptOutcome, str | None], now: datetime) -> None:
-        number = session.execute(select(Job.attempts).where(col(Job.id) == job_id)).scalar_one()
+        number = session.execute(
+            select(col(Job.attempts)).where(col(Job.id) == job_id)).scalar_one()
         session.execute(
             update(Attempt)
             .where(col(Attempt.job_id) == job_id, col(Attempt.attempt) == number,
@@ -298,7 +302,7 @@ class JobsStore(StoreBase):
     @staticmethod
     def _read_state(session: Session, job_id: int) -> tuple[JobState, datetime | None] | None:
         row = session.execute(
-            select(Job.state, Job.started_at).where(col(Job.id) == job_id)).one_or_none()
+            select(col(Job.state), col(Job.started_at)).where(col(Job.id) == job_id)).one_or_none()
         return None if row is None else (JobState(row[0]), row[1])
 
     def claim_jobs(self, job_ids: Sequence[int]) -> list[Claimed]:
@@ -310,8 +314,10 @@ class JobsStore(StoreBase):
             return []
         now = utcnow()
         with self._writing() as session:
-            previous = dict(session.execute(
-                select(Job.id, Job.ray_submission_id).where(col(Job.id).in_(job_ids))).all())
+            previous: dict[int, str | None] = {
+                int(jid or 0): sid for jid, sid in session.execute(
+                    select(col(Job.id), col(Job.ray_submission_id))
+                    .where(col(Job.id).in_(job_ids))).all()}
             rows = session.execute(
                 update(Job)
                 .where(col(Job.id).in_(job_ids), col(Job.state) == JobState.QUEUED)
@@ -328,7 +334,7 @@ class JobsStore(StoreBase):
             ]
             if not claimed:
                 return []
-            jobs = Job.__table__  # Core, not ORM: one executemany UPDATE
+            jobs = Job.metadata.tables[Job.__tablename__]  # Core, not ORM: one executemany UPDATE
             session.execute(
                 update(jobs).where(jobs.c.id == bindparam("jid"))
                 .values(ray_submission_id=bindparam("sid")),

@@ -76,7 +76,7 @@ class MetricsStore(StoreBase):
             return 0
         # One statement for every batch (compiled once and cached), executed over the rows:
         # SQLAlchemy sends them in pages ("insertmanyvalues"), counting what was inserted.
-        table = Metric.__table__
+        table = Metric.metadata.tables[Metric.__tablename__]
         stmt = self._insert(table).on_conflict_do_nothing().returning(table.c.id)
         with self._writing() as session:
             return len(session.execute(stmt, params).all())
@@ -110,7 +110,7 @@ class MetricsStore(StoreBase):
             order_by=(col(Metric.attempt).desc(), col(Metric.step).desc(), col(Metric.id).desc()),
         )
         ranked = (
-            select(Metric.name, Metric.step, Metric.value, newest_first.label("rank"))
+            select(col(Metric.name), col(Metric.step), col(Metric.value), newest_first.label("rank"))
             .where(col(Metric.job_id) == job_id, ~col(Metric.superseded))
             .subquery()
         )

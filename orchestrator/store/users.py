@@ -163,7 +163,7 @@ class UsersStore(StoreBase):
             if account.role is UserRole.ADMIN:
                 # Locked, so two admins disabling each other at once cannot both succeed.
                 admins = session.scalars(
-                    select(UserAccount.id).where(col(UserAccount.role) == UserRole.ADMIN,
+                    select(col(UserAccount.id)).where(col(UserAccount.role) == UserRole.ADMIN,
                                                  col(UserAccount.disabled_at).is_(None))
                     .with_for_update()).all()
                 if len(admins) <= 1:
@@ -205,10 +205,10 @@ class UsersStore(StoreBase):
 
     def gpu_caps(self) -> dict[str, int]:
         """name -> GPU cap of every user with a cap of their own (others: the default)."""
-        query = select(UserAccount.name, UserAccount.gpu_cap).where(
+        query = select(col(UserAccount.name), col(UserAccount.gpu_cap)).where(
             col(UserAccount.gpu_cap).is_not(None))
         with self._read() as session:
-            return {name: int(cap) for name, cap in session.execute(query)}
+            return {name: int(cap) for name, cap in session.execute(query) if cap is not None}
 
     def audit_events(self, *, limit: int = 100, target: str | None = None) -> list[AuditEvent]:
         """Newest first."""

@@ -72,7 +72,8 @@ def get_objective(name: str | Objective) -> ObjectiveModule:
             f"objective: unknown {value!r}; one of {', '.join(o.value for o in Objective)}"
         )
     # Imported lazily: each module pulls in only what its objective needs (rouge, sacrebleu).
-    return importlib.import_module(f"{__name__}.{value}")  # type: ignore[return-value]
+    module: ObjectiveModule = importlib.import_module(f"{__name__}.{value}")
+    return module
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,6 +143,6 @@ class PerplexityTrainer(Trainer):
             metric_key_prefix=metric_key_prefix,
         )
         loss = (output.metrics or {}).get(f"{metric_key_prefix}_loss")
-        if loss is not None:
+        if loss is not None and output.metrics is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(float(loss))
         return output

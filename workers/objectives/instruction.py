@@ -53,9 +53,11 @@ def chat_segments(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizer
     def render(upto: int, generation_prompt: bool) -> str:
         if upto == 0:
             return ""
-        return tokenizer.apply_chat_template(messages[:upto], tokenize=False,
+        text = tokenizer.apply_chat_template(messages[:upto], tokenize=False,
                                              add_generation_prompt=generation_prompt,
                                              chat_template=template)
+        assert isinstance(text, str)  # tokenize=False renders text
+        return text
 
     segments: Segments = []
     done = ""
@@ -131,8 +133,9 @@ def preprocess(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, ds: Dataset, s
     train_on_prompt = bool(spec.training.train_on_prompt)
 
     def tokenize(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any] | None] = []
         if chat:
+            assert data.messages_column is not None
             for index, messages in zip(indices, batch[data.messages_column], strict=True):
                 if why := objective_rules.messages_problem(messages):
                     raise ValueError(f"dataset.messages_column: row {index} of the {split} "
@@ -172,7 +175,8 @@ class ClmTrainer(PerplexityTrainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only,
                                          ignore_keys, metric_key_prefix)
         data = self.eval_dataset
-        if isinstance(data, Dataset) and RESPONSE_START in data.column_names:
+        if (isinstance(data, Dataset) and RESPONSE_START in data.column_names
+                and output.metrics is not None):
             output.metrics[f"{metric_key_prefix}_exact_match"] = self.exact_match(data)
         return output
 
@@ -186,7 +190,7 @@ class ClmTrainer(PerplexityTrainer):
         size = self.args.per_device_eval_batch_size
         batches = -(-len(range(0, len(data), world)) // size)
         correct = total = 0
-        model = self.model  # the FSDP module under FSDP (generate syncs the ranks), else plain
+        model: Any = self.model  # the FSDP module under FSDP (generate syncs the ranks)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -219,6 +223,7 @@ def _same(tokenizer: PreTrainedTokenizerBase, generated: list[int], reference: l
         generated = generated[:generated.index(eos)]
     if eos in reference:
         reference = reference[:reference.index(eos)]
-    decode = tokenizer.decode
-    return (decode(generated, skip_special_tokens=True).strip()
-            == decode(reference, skip_special_tokens=True).strip())
+    def text(ids: list[int]) -> str:
+        return str(tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+    return text(generated) == text(reference)
