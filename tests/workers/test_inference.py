@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
 
 from orchestrator.spec import JobSpec, build_spec  # noqa: E402
 from workers import inference  # noqa: E402
-from workers.inference import Predictor, PredictError, PromptStyle, RemoteRequest  # noqa: E402
+from workers.inference import PredictError, Predictor, PromptStyle, RemoteRequest  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "jobs" / "assets"
 GPT2, BERT, T5 = (str(ASSETS / "models" / m) for m in ("gpt2-tiny", "bert-tiny", "t5-tiny"))
