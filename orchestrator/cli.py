@@ -421,6 +421,10 @@ def server(host: str, port: int | None, auth: str | None) -> None:
 from orchestrator.commands.dashboard import dashboard  # noqa: E402  (the module imports cli's helpers)
 
 cli.add_command(dashboard)
+from orchestrator.commands import model  # noqa: E402  (imports cli's helpers when run)
+
+cli.add_command(model.predict)
+cli.add_command(model.export)
 
 
 def main() -> None:
