@@ -65,16 +65,6 @@ class Launch:
 
 class Executor(Protocol):
     def submit(self, launch: Launch) -> None: ...
-    def submit_task(self, submission_id: str, module: str, args: list[str], *, gpus: int,
-                    cpus: int, metadata: dict[str, str]) -> None:
-        """A short Ray Job outside the queue (`orch predict` on the cluster): `python -m
-        module args...`, its driver holding `gpus` and `cpus` itself. It gets no token: it
-        reports nothing, its answer is read from its logs."""
-        self.client.submit_job(
-            entrypoint=" ".join([self.python, "-m", module, *(shlex.quote(a) for a in args)]),
-            submission_id=submission_id, runtime_env={"env_vars": self._cluster_env()},
-            entrypoint_num_gpus=gpus, entrypoint_num_cpus=cpus, metadata=metadata)
-
     def info(self, submission: str) -> RayJobInfo: ...
     def stop(self, submission: str) -> None: ...
     def logs(self, submission: str) -> str | None: ...
@@ -125,6 +115,16 @@ class RayJobsExecutor:
             entrypoint_num_cpus=0,
             metadata={"orch_job_id": str(launch.job_id), "orch_attempt": str(launch.attempt)},
         )
+
+    def submit_task(self, submission_id: str, module: str, args: list[str], *, gpus: int,
+                    cpus: int, metadata: dict[str, str]) -> None:
+        """A short Ray Job outside the queue (`orch predict` on the cluster): `python -m
+        module args...`, its driver holding `gpus` and `cpus` itself. It gets no token: it
+        reports nothing, its answer is read from its logs."""
+        self.client.submit_job(
+            entrypoint=" ".join([self.python, "-m", module, *(shlex.quote(a) for a in args)]),
+            submission_id=submission_id, runtime_env={"env_vars": self._cluster_env()},
+            entrypoint_num_gpus=gpus, entrypoint_num_cpus=cpus, metadata=metadata)
 
     def info(self, submission: str) -> RayJobInfo:
         try:
