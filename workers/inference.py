@@ -154,7 +154,7 @@ class Predictor:
         for item, row in zip(batch, out[:, width:].tolist(), strict=True):
             if self.style.instruction and tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id)]  # the response ends at eos
-            text = tok.decode(row, skip_special_tokens=True)
+            text = str(tok.decode(row, skip_special_tokens=True))
             answers.append({"input": item, "output": text.strip() if self.style.instruction
                             else text})
         return answers
@@ -196,7 +196,7 @@ class Predictor:
                 top = torch.topk(probs, k=min(top_k, probs.shape[-1]))
                 filled[position] = top.indices[0]
                 masks.append({"mask": n, "candidates": [
-                    {"token": tok.decode([int(i)]).strip(), "token_id": int(i),
+                    {"token": str(tok.decode([int(i)])).strip(), "token_id": int(i),
                      "probability": float(p)}
                     for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]})
             keep = encoded["attention_mask"][row].bool()
