@@ -161,3 +161,40 @@ def test_the_cluster_entrypoint_answers_in_one_marked_line(capsys: pytest.Captur
     assert "no model directory" in inference.run_remote(missing)["error"]
     assert inference.parse_result("no marker here") is None
     assert json.loads(json.dumps(result)) == result
+
+
+def test_instruction_jobs_prompt_exactly_as_their_training_tokenized_prompts() -> None:
+    """For the instruction example (chats) and its prompt/response variant, the tokens
+    predict feeds the model are the training example's tokens up to its response."""
+    instruction = pytest.importorskip("workers.objectives.instruction",
+                                      reason="instruction data is not in this orch yet")
+    from orchestrator.spec import load_spec
+
+    jobs = ASSETS.parent
+    rows = [json.loads(line) for line in
+            (ASSETS / "data" / "instruct" / "eval.jsonl").read_text().splitlines()[:3]]
+    chat_spec, _ = load_spec(jobs / "gpt2_instruct.yaml")
+    pair_spec, _ = load_spec(jobs / "gpt2_instruct.yaml", [
+        "dataset.messages_column=null", "dataset.chat_template=null",
+        "dataset.prompt_column=prompt", "dataset.response_column=response"])
+    for spec in (chat_spec, pair_spec):
+        predictor = Predictor.load(spec, GPT2, device="cpu")
+        tok = predictor.tokenizer
+        for row in rows:
+            if spec is chat_spec:
+                assert predictor.style == PromptStyle("chat", spec.dataset.chat_template)
+                segments = instruction.chat_segments(row["messages"], tok,
+                                                     spec.dataset.chat_template)
+                asked = row["messages"][:-1]  # the conversation up to the answer
+            else:
+                assert predictor.style == PromptStyle("pair")
+                segments = instruction.pair_segments(row["prompt"], row["response"])
+                asked = row["prompt"]
+            example = instruction.encode(segments, tok, chat=spec is chat_spec,
+                                         train_on_prompt=False, max_length=512)
+            start = example[instruction.RESPONSE_START]
+            assert predictor.prompt_ids(asked) == example["input_ids"][:start]
+        # Answers are the response alone, at most the job's generation_max_length tokens.
+        answer = predictor.predict([asked])[0]["output"]
+        assert len(tok(answer, add_special_tokens=False)["input_ids"]) <= (
+            spec.training.generation_max_length)
