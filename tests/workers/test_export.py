@@ -137,3 +137,20 @@ def test_a_used_target_is_refused_and_a_failure_leaves_nothing(tmp_path: Path) -
     empty.mkdir()
     assert export_model(spec_for("clm", GPT2), info_for(GPT2), empty) == empty
     assert (empty / "config.json").is_file()
+
+
+def test_a_chat_jobs_export_renders_chats_as_the_job_did(tmp_path: Path) -> None:
+    pytest.importorskip("workers.objectives.instruction",
+                        reason="instruction data is not in this orch yet")
+    from orchestrator.spec import load_spec
+
+    spec, _ = load_spec(ASSETS.parent / "gpt2_instruct.yaml")
+    target = export_model(spec, info_for(GPT2), tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    chat = [{"role": "user", "content": "Which day comes after Tuesday?"}]
+    # The job's template (the tiny GPT-2 has none of its own), with the generation prompt.
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "User: Which day comes after Tuesday?\nAssistant:")
+    generation = GenerationConfig.from_pretrained(target)
+    assert generation.max_new_tokens == spec.training.generation_max_length
+    assert "apply_chat_template" in (target / "README.md").read_text()
