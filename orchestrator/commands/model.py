@@ -29,8 +29,10 @@ from orchestrator.errors import Conflict, InvalidRequest
 from orchestrator.sandbox import is_hub_id
 
 MAX_INPUTS = 1000
-# Inputs per request to the control plane (its bound).
+# Inputs per request to the control plane: its bound, and well under the size one
+# prediction on the cluster takes (orchestrator.routes.models.MAX_TASK_ARGUMENT).
 REQUEST_INPUTS = 64
+REQUEST_CHARACTERS = 40_000
 CHECKPOINT_HELP = ("which model: final (the default when the job has one), best, latest, or a "
                    "step (e.g. 200)")
 
@@ -124,13 +126,29 @@ def predict_here(ref: ModelRef, inputs: list[Any], max_new_tokens: int | None,
 def predict_on_cluster(client: Client, ref: ModelRef, inputs: list[Any],
                        max_new_tokens: int | None, top_k: int) -> list[dict[str, Any]]:
     answers: list[dict[str, Any]] = []
-    for start in range(0, len(inputs), REQUEST_INPUTS):
-        body = {"inputs": inputs[start:start + REQUEST_INPUTS], "checkpoint": ref.which,
-                "max_new_tokens": max_new_tokens, "top_k": top_k}
+    for chunk in request_chunks(inputs):
+        body = {"inputs": chunk, "checkpoint": ref.which, "max_new_tokens": max_new_tokens,
+                "top_k": top_k}
         # The server waits for the Ray Job (at most ORCH_PREDICT_TIMEOUT): wait as long.
         data = client.request("POST", f"/jobs/{ref.job_id}/predict", json=body, timeout=None)
         answers += PredictResponse.model_validate(data).predictions
     return answers
+
+
+def request_chunks(inputs: list[Any]) -> list[list[Any]]:
+    """The inputs in order, in requests of at most REQUEST_INPUTS inputs and (but for a
+    single long one) REQUEST_CHARACTERS characters of JSON."""
+    chunks: list[list[Any]] = [[]]
+    size = 0
+    for item in inputs:
+        length = len(json.dumps(item))
+        if chunks[-1] and (len(chunks[-1]) >= REQUEST_INPUTS
+                           or size + length > REQUEST_CHARACTERS):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += length
+    return chunks
 
 
 def _describe(ref: ModelRef) -> str:

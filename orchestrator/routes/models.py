@@ -39,6 +39,9 @@ CHOICES = ("auto", "final", "best", "latest")
 _STEP = re.compile(r"\d{1,12}")
 # How often the control plane looks at a running prediction.
 POLL_SECONDS = 0.5
+# The request travels as one argument of the Ray Job's shell command, which Linux bounds at
+# 128 KiB (MAX_ARG_STRLEN); the CLI sends inputs in requests well under this.
+MAX_TASK_ARGUMENT = 120_000
 
 
 def _available(live: list[Checkpoint]) -> str:
@@ -149,22 +152,28 @@ def predict(job_id: JobId, body: PredictRequest, request: Request) -> PredictRes
     # One model copy answers: one GPU if the job trained on GPUs (its data-parallel workers
     # each held a whole copy), else the CPU. The GPU is taken outside the queue, so only
     # when the scheduler counts one free: predicting never delays an admitted job.
-    gpus = 1 if spec.resources.gpus else 0
-    if gpus and plane.scheduler.free().gpus < gpus:
-        raise Conflict("predicting on the cluster needs 1 free GPU and jobs hold them all; try "
-                       "again when one is free, or run orch predict --on local where the "
-                       "model's files are")
+    gpus, cpus = (1 if spec.resources.gpus else 0), spec.resources.cpus
+    free = plane.scheduler.free()
+    if free.gpus < gpus or free.cpus < cpus:
+        what = "1 GPU" if free.gpus < gpus else f"{cpus} CPUs"
+        raise Conflict(f"predicting on the cluster needs {what} that no job holds, and jobs "
+                       "hold them; try again when they are free, or run orch predict --on "
+                       "local where the model's files are")
     inputs = [item if isinstance(item, str) else [m.model_dump() for m in item]
               for item in body.inputs]
-    task = RemoteRequest(spec=ref.spec, location=ref.path, inputs=inputs,
+    task = RemoteRequest(spec=_for_task(ref.spec), location=ref.path, inputs=inputs,
                          max_new_tokens=body.max_new_tokens, top_k=body.top_k)
+    argument = task.encode()
+    if len(argument) > MAX_TASK_ARGUMENT:
+        raise InvalidRequest(f"inputs: {len(argument) // 1000} kB encoded, more than the "
+                             f"{MAX_TASK_ARGUMENT // 1000} kB one prediction on the cluster "
+                             "takes; send fewer or shorter inputs at a time")
     submission = f"orch-predict-{job_id}-{secrets.token_hex(4)}"
     log.info("job %s: predicting with %s on the cluster (%s, %d GPU)", job_id, ref.path,
              submission, gpus)
     try:
-        submit(submission, "workers.inference", [task.encode()], gpus=gpus,
-               cpus=spec.resources.cpus, metadata={"orch_job_id": str(job_id),
-                                                   "orch_task": "predict"})
+        submit(submission, "workers.inference", [argument], gpus=gpus, cpus=cpus,
+               metadata={"orch_job_id": str(job_id), "orch_task": "predict"})
     except Exception as exc:
         raise ClusterError(f"cannot start the prediction on the Ray cluster: {exc}") from None
     status = _wait(plane, submission, plane.settings.predict_timeout)
@@ -178,6 +187,16 @@ def predict(job_id: JobId, body: PredictRequest, request: Request) -> PredictRes
         raise InvalidRequest(str(result["error"]))
     return PredictResponse(job_id=job_id, objective=ref.objective, checkpoint=ref.chosen(),
                            where="cluster", predictions=result.get("predictions", []))
+
+
+def _for_task(spec: dict[str, object]) -> dict[str, object]:
+    """The spec without its long lists: predicting reads the model, the tokenizer and the
+    settings, never the data files (a spec may name a thousand)."""
+    dataset = dict(spec.get("dataset") or {})  # type: ignore[call-overload]
+    for key in ("train_files", "eval_files"):
+        if dataset.get(key):
+            dataset[key] = dataset[key][:1]
+    return {**spec, "dataset": dataset}
 
 
 def _wait(plane: object, submission: str, timeout: float) -> str:

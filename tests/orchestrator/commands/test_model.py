@@ -25,6 +25,7 @@ from click.testing import CliRunner, Result  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from orchestrator import cli  # noqa: E402
+from orchestrator.cluster import Capacity  # noqa: E402
 from orchestrator.executor import RayJobInfo, RayStatus  # noqa: E402
 from orchestrator.spec import build_spec, load_spec  # noqa: E402
 from orchestrator.states import CheckpointKind, JobState  # noqa: E402
@@ -180,7 +181,7 @@ def test_inputs_from_a_file_and_bad_files(trained: Trained, tmp_path: Path) -> N
     one_line_error(orch("predict", str(trained.job_id)), "give a TEXT to predict from")
 
 
-def test_predict_on_the_cluster_answers_as_here(trained: Trained,
+def test_predict_on_the_cluster_answers_as_here(trained: Trained, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fake = trained.session.fake
     one_line_error(orch("predict", str(trained.job_id), "x", "--on", "cluster"),
@@ -190,6 +191,8 @@ def test_predict_on_the_cluster_answers_as_here(trained: Trained,
     def submit_task(submission_id: str, module: str, args: list[str], **kw: Any) -> None:
         """The Ray Job, in process: the real entrypoint with the request it was given."""
         launched.append({"id": submission_id, "module": module, **kw})
+        sent = inference.RemoteRequest.decode(args[0])
+        assert len(sent.spec["dataset"]["train_files"]) == 1  # no data lists travel
         printed = io.StringIO()
         with redirect_stdout(printed):
             assert inference.main(args) == 0
@@ -208,6 +211,30 @@ def test_predict_on_the_cluster_answers_as_here(trained: Trained,
     # A person's mistake on the cluster is one line too.
     one_line_error(orch("predict", str(trained.mlm_id), "no mask", "--on", "cluster"),
                    "input 1 has no [MASK] to fill")
+    # What one Ray Job's command line cannot carry is refused before anything starts.
+    chat = tmp_path / "chat.jsonl"
+    long_chat = [{"role": "user", "content": "word " * 800}] * 40
+    chat.write_text(json.dumps({"messages": long_chat}) + "\n")
+    started = len(launched)
+    one_line_error(orch("predict", str(trained.job_id), "--file", str(chat), "--on", "cluster"),
+                   "kB encoded, more than the 120 kB one prediction on the cluster takes")
+    # Cluster capacity the jobs hold is not taken from under them.
+    plane = trained.session.plane
+    capacity = plane.scheduler.capacity
+    monkeypatch.setattr(plane.scheduler, "capacity", Capacity(gpus=0, cpus=1, nodes=1))
+    one_line_error(orch("predict", str(trained.job_id), "x", "--on", "cluster"),
+                   "needs 2 CPUs that no job holds")
+    monkeypatch.setattr(plane.scheduler, "capacity", capacity)
+    assert len(launched) == started
+
+
+def test_inputs_go_to_the_cluster_in_requests_it_can_carry() -> None:
+    from orchestrator.commands.model import REQUEST_CHARACTERS, request_chunks
+
+    assert [len(c) for c in request_chunks(["a"] * 130)] == [64, 64, 2]
+    big = "x" * (REQUEST_CHARACTERS // 3)
+    assert [len(c) for c in request_chunks([big] * 7)] == [2, 2, 2, 1]
+    assert request_chunks(["y" * REQUEST_CHARACTERS * 2]) == [["y" * REQUEST_CHARACTERS * 2]]
 
 
 def test_export_loads_with_from_pretrained_and_equals_the_checkpoint(trained: Trained,
