@@ -140,7 +140,7 @@ def test_each_checkpoint_choice_names_the_stores_row(trained: Trained) -> None:
                                                                    row.path)
 
 
-def test_a_model_that_is_not_there_is_one_line(trained: Trained) -> None:
+def test_a_model_that_is_not_there_is_one_line(trained: Trained, tmp_path: Path) -> None:
     deleted = next(c for c in trained.rows() if c.deleted)
     assert not Path(deleted.path).exists()
     one_line_error(orch("predict", str(trained.job_id), "x", "-c", str(deleted.step)),
@@ -153,9 +153,9 @@ def test_a_model_that_is_not_there_is_one_line(trained: Trained) -> None:
     one_line_error(orch("predict", "999999", "x"), "job 999999 not found")
     one_line_error(orch("predict", str(trained.failed_id), "x"),
                    f"job {trained.failed_id} failed before it saved a checkpoint")
-    one_line_error(orch("export", str(trained.failed_id), "/tmp/never-made"),
+    one_line_error(orch("export", str(trained.failed_id), str(tmp_path / "never-made")),
                    "failed before it saved a checkpoint")
-    assert not Path("/tmp/never-made").exists()
+    assert not (tmp_path / "never-made").exists()
     one_line_error(orch("predict", str(trained.mlm_id), "no mask in this"),
                    "input 1 has no [MASK] to fill")
 
