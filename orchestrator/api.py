@@ -8,7 +8,7 @@ ISO 8601 in UTC.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -355,3 +355,54 @@ class WorkerLogsResponse(_Model):
     # The attempt's log length on the server, in bytes, after this chunk (the chunk is the
     # raw request body, sent with ?offset= where it starts).
     size: int
+
+
+# -- a job's model: which checkpoint, and predictions from it (orch predict / export) ----
+class ChosenModel(_Model):
+    """Which of a job's models `--checkpoint` named."""
+
+    which: str  # final, best, latest, or the step asked for
+    kind: CheckpointKind
+    step: int
+    path: str
+
+
+class ModelRef(ChosenModel):
+    """The chosen model, with what a client needs to load and describe it."""
+
+    job_id: int
+    name: str
+    objective: str
+    state: JobState
+    owner: str
+    metrics: dict[str, Any]  # the checkpoint's own evaluation (at its step)
+    job_metrics: dict[str, MetricValue]  # the job's latest live value of each metric
+    spec: dict[str, Any]
+
+    def chosen(self) -> ChosenModel:
+        return ChosenModel(which=self.which, kind=self.kind, step=self.step, path=self.path)
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=MAX_TEXT)
+
+
+PredictInput = Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[
+    list[ChatMessage], Field(min_length=1, max_length=100)]
+
+
+class PredictRequest(_Request):
+    # Texts, or conversations for a clm job trained on chats.
+    inputs: list[PredictInput] = Field(min_length=1, max_length=64)
+    checkpoint: str = Field(default="auto", max_length=32)  # auto, final, best, latest, STEP
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class PredictResponse(_Model):
+    job_id: int
+    objective: str
+    checkpoint: ChosenModel
+    where: Literal["local", "cluster"]  # this machine, or a Ray Job on the job's cluster
+    predictions: list[dict[str, Any]]

@@ -421,6 +421,11 @@ def server(host: str, port: int | None, auth: str | None) -> None:
 from orchestrator.commands.dashboard import dashboard  # noqa: E402  (the module imports cli's helpers)
 
 cli.add_command(dashboard)
+from orchestrator.commands import model, tracking  # noqa: E402  (they use cli's helpers)
+
+cli.add_command(model.predict)
+cli.add_command(model.export)
+cli.add_command(tracking.tensorboard)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ attempt's own token, which can report on that attempt and nothing else.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from enum import Enum
@@ -88,16 +89,21 @@ class RayJobsExecutor:
         # The entrypoint runs with the cluster's environment, not ours: name the interpreter.
         self.python = self.settings.worker_python or sys.executable
 
-    def submit(self, launch: Launch) -> None:
-        env = {"ORCH_SERVER_URL": self.server_url, "ORCH_ATTEMPT_TOKEN": launch.token,
-               "PYTHONUNBUFFERED": "1"}
+    def _cluster_env(self) -> dict[str, str]:
+        """What every Ray Job orch starts gets: offline settings, the server's sandbox rules
+        (applied again on the cluster before anything is opened) and which cluster to join."""
+        env = {"PYTHONUNBUFFERED": "1"}
         env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
-        # The server's sandbox rules, which the worker applies again before it opens anything.
         env.update(Rules.from_settings(self.settings).worker_env())
         if cluster.target().local:
             # Ray points a job's driver at the cluster named in /tmp/ray/ray_current_cluster:
             # the most recently started one on the machine, not necessarily ours. Name ours.
             env["ORCH_RAY_GCS_ADDRESS"] = cluster.gcs_address()
+        return env
+
+    def submit(self, launch: Launch) -> None:
+        env = {"ORCH_SERVER_URL": self.server_url, "ORCH_ATTEMPT_TOKEN": launch.token,
+               **self._cluster_env()}
         per_worker_cpus = max(1, launch.cpus // max(1, launch.workers))
         self.client.submit_job(
             entrypoint=(f"{self.python} -m workers.driver --job-id {launch.job_id} "
@@ -109,6 +115,16 @@ class RayJobsExecutor:
             entrypoint_num_cpus=0,
             metadata={"orch_job_id": str(launch.job_id), "orch_attempt": str(launch.attempt)},
         )
+
+    def submit_task(self, submission_id: str, module: str, args: list[str], *, gpus: int,
+                    cpus: int, metadata: dict[str, str]) -> None:
+        """A short Ray Job outside the queue (`orch predict` on the cluster): `python -m
+        module args...`, its driver holding `gpus` and `cpus` itself. It gets no token: it
+        reports nothing, its answer is read from its logs."""
+        self.client.submit_job(
+            entrypoint=" ".join([self.python, "-m", module, *(shlex.quote(a) for a in args)]),
+            submission_id=submission_id, runtime_env={"env_vars": self._cluster_env()},
+            entrypoint_num_gpus=gpus, entrypoint_num_cpus=cpus, metadata=metadata)
 
     def info(self, submission: str) -> RayJobInfo:
         try:

@@ -16,6 +16,10 @@ for a symbolic link).
 - A URL must use an allowed scheme (`ORCH_ALLOWED_URL_SCHEMES`) and lie under a URL root:
   a spec must not make the server or the workers connect wherever it says.
 - A hub id (`org/model`) is allowed unless `ORCH_ALLOW_HUB=false`.
+- An MLflow tracking URI (`tracking.mlflow.tracking_uri`) is written to, like checkpoint
+  storage: a directory or `sqlite:///` database under `ORCH_STORAGE_ROOTS`, a server URL
+  only of an allowed scheme under a URL root there, or the operator's own
+  `ORCH_MLFLOW_TRACKING_URI`.
 
 Nothing here opens a file or imports torch: the server, the CLI and the workers share it.
 """
@@ -87,6 +91,8 @@ class Rules:
     storage_roots: tuple[str, ...]
     url_schemes: tuple[str, ...]
     allow_hub: bool
+    # The operator's MLflow tracking server (ORCH_MLFLOW_TRACKING_URI): always allowed.
+    mlflow_uri: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
@@ -104,15 +110,19 @@ class Rules:
         storage = settings.storage_roots
         return cls(data_roots=tuple(data) if data is not None else data_default,
                    storage_roots=tuple(storage) if storage is not None else storage_default,
-                   url_schemes=schemes, allow_hub=settings.allow_hub)
+                   url_schemes=schemes, allow_hub=settings.allow_hub,
+                   mlflow_uri=settings.mlflow_tracking_uri)
 
     def worker_env(self) -> dict[str, str]:
         """The rules as the `ORCH_*` variables a worker's settings read: the control plane
         puts them in every Ray Job, so the worker enforces exactly the server's rules."""
-        return {"ORCH_DATA_ROOTS": ",".join(self.data_roots),
-                "ORCH_STORAGE_ROOTS": ",".join(self.storage_roots),
-                "ORCH_ALLOWED_URL_SCHEMES": ",".join(self.url_schemes),
-                "ORCH_ALLOW_HUB": "true" if self.allow_hub else "false"}
+        env = {"ORCH_DATA_ROOTS": ",".join(self.data_roots),
+               "ORCH_STORAGE_ROOTS": ",".join(self.storage_roots),
+               "ORCH_ALLOWED_URL_SCHEMES": ",".join(self.url_schemes),
+               "ORCH_ALLOW_HUB": "true" if self.allow_hub else "false"}
+        if self.mlflow_uri:  # also the default the worker logs to
+            env["ORCH_MLFLOW_TRACKING_URI"] = self.mlflow_uri
+        return env
 
     # -- the checks -----------------------------------------------------------------------
     def check_path(self, field: str, value: str, *, storage: bool = False) -> str | None:
@@ -181,7 +191,28 @@ class Rules:
         if bad := _control_characters(field, value):
             return bad
         if is_url(value) and scheme_of(value) not in LOCAL_SCHEMES:
-            return self.check_url(field, value, storage=True)
+            problem = self.check_url(field, value, storage=True)
+            default = ("the server's (ORCH_MLFLOW_TRACKING_URI)" if self.mlflow_uri else
+                       "the job's own directory")
+            return problem and f"{problem}; or leave tracking_uri out to log to {default}"
+        path = value.split("://", 1)[1] if is_url(value) else value
+        return self.check_path(field, path or "/", storage=True)
+
+    def check_tracking(self, value: str) -> str | None:
+        """An MLflow tracking URI: the job writes there, so the storage roots govern it."""
+        field = "tracking.mlflow.tracking_uri"
+        if bad := _control_characters(field, value):
+            return bad
+        if self.mlflow_uri and value.rstrip("/") == self.mlflow_uri.rstrip("/"):
+            return None  # the operator's own
+        if value.startswith("sqlite:"):  # sqlite:///relative.db or sqlite:////absolute.db
+            path = value.split(":///", 1)[1] if ":///" in value else ""
+            return self.check_path(field, path or "(none)", storage=True)
+        if is_url(value) and scheme_of(value) not in LOCAL_SCHEMES:
+            problem = self.check_url(field, value, storage=True)
+            default = ("the server's (ORCH_MLFLOW_TRACKING_URI)" if self.mlflow_uri else
+                       "the job's own directory")
+            return problem and f"{problem}; or leave tracking_uri out to log to {default}"
         path = value.split("://", 1)[1] if is_url(value) else value
         return self.check_path(field, path or "/", storage=True)
 
@@ -198,6 +229,9 @@ class Rules:
                 found.append(self.check_source(f"dataset.{key}", value, hub=False))
         if spec.checkpoints.storage:
             found.append(self.check_storage(spec.checkpoints.storage))
+        mlflow = spec.tracking.mlflow if spec.tracking else None
+        if mlflow is not None and mlflow.tracking_uri:
+            found.append(self.check_tracking(mlflow.tracking_uri))
         return [p for p in found if p]
 
     def require(self, spec: JobSpec, source: str | None = None) -> None:

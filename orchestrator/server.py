@@ -30,7 +30,7 @@ from orchestrator.errors import OrchError, ProblemsError, SettingsError
 from orchestrator.executor import Executor, RayJobsExecutor
 from orchestrator.local_token import ensure_local_token
 from orchestrator.preflight import warm_up
-from orchestrator.routes import jobs, users, worker
+from orchestrator.routes import jobs, models, users, worker
 from orchestrator.sandbox import prepare_server
 from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings, get_settings
@@ -145,6 +145,7 @@ def create_app(plane: ControlPlane | None = None, server_url: str | None = None,
     open_to_all(app, "/health")  # liveness probes carry no token
 
     app.include_router(jobs.router)
+    app.include_router(models.router)  # a job's model: which checkpoint, predictions
     app.include_router(users.router)
     app.include_router(worker.router)
     dashboard.install(app)  # the web UI at /, its JSON under /ui/api

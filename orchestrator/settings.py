@@ -147,6 +147,18 @@ class Settings(BaseSettings):
                     "default `http://127.0.0.1:<port>` (right for a local cluster; a team "
                     "server behind a Service sets its in-cluster address)")
 
+    predict_timeout: float = Field(
+        600.0, gt=0, le=86_400, json_schema_extra=_used_by("server"),
+        description="seconds `orch predict` may take on the cluster (a Ray Job that loads "
+                    "the model and answers) before it is stopped")
+    # -- experiment tracking (the spec's `tracking:` section) ------------------------------
+    mlflow_tracking_uri: str | None = Field(
+        None, json_schema_extra=_used_by("server"),
+        description="the MLflow tracking server (or store) for jobs whose `tracking.mlflow` "
+                    "names none, e.g. `http://mlflow.internal:5000`; a spec may always use it. "
+                    "Unset: such a job logs to a SQLite store in its own directory "
+                    "(`<job dir>/mlflow`)")
+
     # -- set by orch in every Ray Job's environment (not for people to set) -----------------
     attempt_token: str | None = Field(
         None, json_schema_extra=_used_by("worker"),

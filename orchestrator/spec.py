@@ -326,6 +326,37 @@ class AdapterSpec(_Section):
         return value
 
 
+class MlflowSpec(_Section):
+    """Log the job to MLflow: the spec as params, every metric, the final model as an
+    artifact; one run per job (its attempts and restarts continue it)."""
+
+    # An MLflow tracking server (http(s)://host:port), a SQLite database (sqlite:///path.db)
+    # or a directory (orch keeps a SQLite store, mlflow.db, and the artifacts in it). null:
+    # the server's default (ORCH_MLFLOW_TRACKING_URI), else the job's own directory
+    # (<job dir>/mlflow). Checked like checkpoints.storage (ORCH_STORAGE_ROOTS).
+    tracking_uri: str | None = Field(default=None, min_length=1)
+    # The experiment the run goes in; null: the job's name.
+    experiment: str | None = Field(default=None, min_length=1, max_length=500)
+    # Copy the final model into the run's artifacts (`model/`); false for models kept elsewhere.
+    log_model: StrictBool = True
+
+
+class TrackingSpec(_Section):
+    """Where else a job's metrics go, beside orch's store (written by rank 0 only)."""
+
+    # TensorBoard event files in <job dir>/tensorboard (`orch tensorboard JOB`).
+    tensorboard: StrictBool = False
+    # `mlflow: true` for the defaults, or the settings of MlflowSpec.
+    mlflow: MlflowSpec | None = None
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
 # Metrics each objective's evaluation produces (names as recorded, with the eval_ prefix).
 OBJECTIVE_METRICS: dict[Objective, tuple[str, ...]] = {
     Objective.CLM: ("eval_loss", "eval_perplexity"),
@@ -371,6 +402,8 @@ class JobSpec(_Section):
     checkpoints: CheckpointsSpec = Field(default_factory=CheckpointsSpec)
     # Parameter-efficient fine-tuning (LoRA / QLoRA); null trains every weight.
     adapter: AdapterSpec | None = None
+    # Experiment tracking (TensorBoard, MLflow); null: orch's store only.
+    tracking: TrackingSpec | None = None
     # Higher runs first. A 32-bit integer (the store's column).
     priority: StrictInt = Field(default=0, ge=-INT32 - 1, le=INT32)
     # Extra attempts after an infrastructure failure (worker process killed, node or cluster
@@ -755,6 +788,10 @@ def resolve_paths(spec: JobSpec, base_dir: Path) -> JobSpec:
     storage = data["checkpoints"].get("storage")
     if storage and "://" not in storage:  # a URL is absolute already
         data["checkpoints"]["storage"] = str((base_dir / Path(storage).expanduser()).resolve())
+    mlflow = (data.get("tracking") or {}).get("mlflow") or {}
+    uri = mlflow.get("tracking_uri")
+    if uri and "://" not in uri and not uri.startswith("sqlite:"):  # a directory
+        mlflow["tracking_uri"] = str((base_dir / Path(uri).expanduser()).resolve())
     return JobSpec.model_validate(data)
 
 

@@ -169,6 +169,7 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
     `callbacks`: more Trainer callbacks; `flush_seconds`: how often metrics are sent."""
     from workers.guards import NoLinks
     from workers.reporting import AttemptReporter
+    from workers.tracking import Tracking
     from workers.training import run_training
 
     spec: JobSpec = spec_from_dict(decision.spec)
@@ -177,18 +178,23 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
     outbox = Outbox(client, remove_files=storage.remove) if leader else None
     reporter = (AttemptReporter(outbox, upload_to=artifacts.url, flush_seconds=flush_seconds)
                 if outbox else None)
+    # TensorBoard / MLflow when the spec asks (the leader only, like the reporter).
+    tracking = Tracking.for_attempt(spec, job_id=decision.job_id, attempt=decision.attempt,
+                                    job_dir=artifacts.local_dir, leader=leader)
     try:
         # Every process checks what it opens and where it writes (begin ran on one only).
         current_rules().require(spec)
         storage.refuse_links(artifacts.local_dir)
         final_metrics = run_training(spec, artifacts.local_dir,
                                      callbacks=[*([reporter] if reporter else []),
-                                                NoLinks(artifacts.local_dir), *callbacks],
+                                                NoLinks(artifacts.local_dir),
+                                                *tracking.callbacks, *callbacks],
                                      resume_from_checkpoint=decision.resume_from,
                                      upload_to=artifacts.url)
         if reporter is None or outbox is None:
             return final_metrics
         final = reporter.final_model(reporter.last_step, artifacts.final, final_metrics)
+        tracking.finished(artifacts.final)
         _drain(client, outbox)
         if outbox.over:
             raise AttemptOver("the control plane ended this attempt while it trained")
@@ -205,6 +211,7 @@ def train(decision: Decision, client: ControlPlaneClient, *, leader: bool = True
             where = f" on rank {rank}" if distributed else ""
             error = f"{type(exc).__name__}: {exc}"
             fail(client, error, reason=f"training failed{where}: {error}")
+            tracking.failed()
         raise
     finally:
         if outbox is not None:
