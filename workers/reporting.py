@@ -24,7 +24,7 @@ from workers import storage
 from workers.control_plane import Outbox
 
 # HF log keys renamed so the store's names say what they are.
-_RENAMES = {"loss": "train_loss", "train_loss": "train_loss_avg"}
+METRIC_RENAMES = {"loss": "train_loss", "train_loss": "train_loss_avg"}
 
 
 def finite_number(value: Any) -> bool:
@@ -50,7 +50,7 @@ class AttemptReporter(TrainerCallback):
     def record(self, step: int, values: dict[str, Any]) -> None:
         for key, value in values.items():
             if finite_number(value):
-                self._buffer.append((step, _RENAMES.get(key, key), float(value)))
+                self._buffer.append((step, METRIC_RENAMES.get(key, key), float(value)))
         if (len(self._buffer) >= self.max_buffer
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()

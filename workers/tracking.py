@@ -37,7 +37,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from orchestrator.spec import JobSpec, MlflowSpec
 from workers import storage
-from workers.reporting import _RENAMES, finite_number
+from workers.reporting import METRIC_RENAMES, finite_number
 
 log = logging.getLogger("orch.worker")
 
@@ -51,7 +51,7 @@ BATCH = 100
 
 def store_values(values: dict[str, Any]) -> dict[str, float]:
     """What the store's reporter records from a log: finite numbers, under the store's names."""
-    return {_RENAMES.get(k, k): float(v) for k, v in values.items() if finite_number(v)}
+    return {METRIC_RENAMES.get(k, k): float(v) for k, v in values.items() if finite_number(v)}
 
 
 # ---------------------------------------------------------------------------------------
