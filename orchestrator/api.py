@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the tables; not imported at run time, so clients stay light
         UserAccount,
         UserToken,
     )
+    from orchestrator.progress import Progress
 
 # Bounds on what a client may send (the body itself is capped by the server too).
 MAX_TEXT = 4096
@@ -47,6 +48,11 @@ class SubmitRequest(_Request):
     spec_yaml: str = Field(default="", max_length=256 * 1024)
 
 
+class ProgressView(_Model):
+    step: int | None = None  # the latest step the job recorded a metric at
+    total: int | None = None  # the step training ends at, once known
+
+
 class JobSummary(_Model):
     id: int
     name: str
@@ -66,10 +72,24 @@ class JobSummary(_Model):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Filled by `GET /jobs` and `GET /jobs/{id}` (orchestrator.progress); left empty in the
+    # answers of submit, cancel and resume.
+    progress: ProgressView = Field(default_factory=ProgressView)
+    queued_seconds: float | None = None  # in the queue, until it started (or so far)
+    elapsed_seconds: float | None = None  # since it started, until it ended (or so far)
+    eta_seconds: float | None = None  # a running job's time to its last step, at its recent pace
+    waiting_reason: str | None = None  # why a queued or pending job is not running yet
 
     @classmethod
-    def of(cls, job: Job) -> JobSummary:
-        return cls.model_validate(job, from_attributes=True)
+    def of(cls, job: Job, progress: Progress | None = None) -> JobSummary:
+        summary = cls.model_validate(job, from_attributes=True)
+        if progress is not None:
+            summary.progress = ProgressView(step=progress.step, total=progress.total)
+            summary.queued_seconds = progress.queued_for
+            summary.elapsed_seconds = progress.ran_for
+            summary.eta_seconds = progress.eta_seconds
+            summary.waiting_reason = progress.waiting_reason
+        return summary
 
 
 class EventView(_Model):
@@ -108,7 +128,7 @@ class JobDetail(JobSummary):
     events: list[EventView]
     attempt_history: list[AttemptView]
     metrics: dict[str, MetricValue]  # each metric's latest live value
-    wait_reason: str | None
+    wait_reason: str | None  # a queued job's (waiting_reason also explains a pending one)
 
 
 class MetricView(_Model):
@@ -126,6 +146,7 @@ class MetricView(_Model):
 class MetricsResponse(_Model):
     id: int
     metrics: list[MetricView]
+    objective: str | None = None  # which metric is the headline one (orchestrator.progress)
 
 
 class CheckpointView(_Model):
@@ -149,6 +170,7 @@ class CheckpointView(_Model):
 class CheckpointsResponse(_Model):
     id: int
     checkpoints: list[CheckpointView]
+    objective: str | None = None
 
 
 class LogsResponse(_Model):

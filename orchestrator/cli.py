@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column
 
 from orchestrator.api import (
     CancelResponse,
@@ -31,10 +30,12 @@ from orchestrator.api import (
     WhoAmI,
 )
 from orchestrator.client import Client, dump
+from orchestrator.commands.render import Clock, aligned, long, print_table, short, table
 from orchestrator.commands.users import users
-from orchestrator.errors import OrchError
+from orchestrator.errors import InvalidRequest, OrchError
+from orchestrator.progress import duration, headline, step_of
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.states import AttemptOutcome
+from orchestrator.states import AttemptOutcome, JobState
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # C0 and C1 control characters but tab and newline: an ANSI escape in a job's name, owner
@@ -136,7 +137,7 @@ def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool)
     """Validate SPEC_FILE and queue it as a job. Prints the job id."""
     spec, text = load_spec(spec_file, overrides)
     spec_yaml = text + "".join(f"\n# --set {o}" for o in overrides)
-    client = Client()
+    client = Client(start=True)
     job = client.post_as(JobSummary, "/jobs", {"spec": spec.to_dict(), "spec_yaml": spec_yaml})
     if quiet:
         click.echo(job.id)
@@ -148,32 +149,16 @@ def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool)
 
 
 def _follow(client: Client, job_id: int) -> JobDetail:
-    """Show live progress until the job ends; return its final status."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task(f"job {job_id}", total=None, info="")
-        try:
-            while True:
-                status = client.get_as(JobDetail, f"/jobs/{job_id}")
-                metrics = status.metrics
-                total = metrics["total_steps"].value if "total_steps" in metrics else None
-                step = max((m.step for m in metrics.values()), default=0)
-                loss = metrics["train_loss"].value if "train_loss" in metrics else None
-                info = status.state.value
-                if status.state == "queued" and status.wait_reason:
-                    info += f": {status.wait_reason}"
-                if loss is not None:
-                    info += f"  loss {loss:.4f}"
-                progress.update(task, total=int(total) if total else None,
-                                completed=step, info=_text(info))
-                if status.state.is_terminal:
-                    break
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            err.print(f"stopped following; job {job_id} keeps running "
-                      f"(orch cancel {job_id} stops it)")
-            raise
+    """Show live progress until the job ends (see orchestrator.commands.follow); return its
+    final status."""
+    from orchestrator.commands.follow import follow
+
+    try:
+        status = follow(client, job_id, err)
+    except KeyboardInterrupt:
+        err.print(f"stopped following; job {job_id} keeps running "
+                  f"(orch cancel {job_id} stops it)")
+        raise
     _print_result(status)
     return status
 
@@ -190,115 +175,220 @@ def _print_result(status: JobDetail) -> None:
 
 
 # -- inspection -----------------------------------------------------------------------------
+def check_states(text: str | None) -> str | None:
+    """`--state running,queued`, checked here: an unknown state is one line naming the
+    valid ones (the server refuses it too, with a 422)."""
+    if not text:
+        return None
+    valid = [s.value for s in JobState]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise InvalidRequest(f"--state: unknown {', '.join(unknown)}; the states are "
+                             f"{', '.join(valid)}")
+    return ",".join(names)
+
+
+def utc_option(fn: F) -> F:
+    return click.option("--utc", is_flag=True,
+                        help="times as ISO 8601 in UTC (marked Z) instead of local and relative")(fn)
+
+
+def wide_option(fn: F) -> F:
+    return click.option("--wide", "-w", is_flag=True,
+                        help="every column, as wide as it needs (the terminal wraps it)")(fn)
+
+
+def _note(job: JobSummary) -> str:
+    """What a row says besides its numbers: why it waits, or how it failed."""
+    if job.waiting_reason:
+        return job.waiting_reason
+    return job.error.strip().splitlines()[0][:200] if job.error and job.error.strip() else ""
+
+
+def _ran(job: JobSummary) -> str:
+    if job.elapsed_seconds is not None:
+        return duration(job.elapsed_seconds)
+    return f"queued {duration(job.queued_seconds)}" if job.queued_seconds is not None else ""
+
+
 @cli.command("list")
 @click.option("--state", help="only these states, comma separated (e.g. running,queued)")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@wide_option
+@utc_option
 @output_option
 @friendly_errors
-def list_jobs(state: str | None, limit: int, output: str) -> None:
-    """List jobs, newest first."""
-    jobs = Client().get_as(list[JobSummary], "/jobs", state=state, limit=limit)
+def list_jobs(state: str | None, limit: int, wide: bool, utc: bool, output: str) -> None:
+    """List jobs, newest first: progress, time running, ETA, and why a job waits."""
+    jobs = Client().get_as(list[JobSummary], "/jobs", state=check_states(state), limit=limit)
     if output == "json":
         return print_json(jobs)
-    table = Table("id", "name", "objective", "state", "owner", "gpus", "created", "error")
-    for j in jobs:
-        table.add_row(str(j.id), _text(j.name), _text(j.objective), _state(j.state.value),
-                      _text(j.owner), str(j.gpus), j.created_at.isoformat()[:19],
-                      _text(j.error.splitlines()[0][:60]) if j.error else "")
-    out.print(table)
+    clock = Clock(utc=utc)
+    rows = [{"id": str(j.id), "name": _text(j.name), "state": _state(j.state.value),
+             "objective": _text(j.objective), "owner": _text(j.owner), "gpus": str(j.gpus),
+             "step": step_of(j.progress.step, j.progress.total), "ran": _ran(j),
+             "ETA": duration(j.eta_seconds), "created": clock.ago(j.created_at),
+             "note": _text(_note(j))} for j in jobs]
+    # Names wrap only past 24 characters; columns no job has a value for are left out.
+    name_width = min(24, max((len(plain(j.name)) for j in jobs), default=4))
+    columns = [short("id", "right"), Column("name", overflow="fold", min_width=name_width),
+               short("state")]
+    if wide:
+        columns += [short("objective"), short("owner"), short("gpus", "right")]
+    columns += [short(c, "right") for c in ("step", "ran", "ETA") if wide or any(r[c] for r in rows)]
+    columns += [short("created"), long("note")]
+    shown = table(*columns)
+    for row in rows:
+        shown.add_row(*(row[str(c.header)] for c in columns))
+    print_table(out, shown, wide)
 
 
 @cli.command()
 @click.argument("job_id", type=int)
+@utc_option
 @output_option
 @friendly_errors
-def status(job_id: int, output: str) -> None:
+def status(job_id: int, utc: bool, output: str) -> None:
     """Show a job: state (and why it waits), progress, latest metrics, history."""
     data = Client().get_as(JobDetail, f"/jobs/{job_id}")
     if output == "json":
         return print_json(data)
+    clock = Clock(utc=utc)
     out.print(f"[bold]job {data.id}[/] {_text(data.name)} ({_text(data.objective)}) "
               f"{_state(data.state.value)}", highlight=False)
-    if data.wait_reason:
-        out.print(f"  waiting: {_text(data.wait_reason)}", highlight=False)
+    if data.waiting_reason:
+        out.print(f"  waiting: {_text(data.waiting_reason)}", highlight=False)
+    progress = [f"step {step_of(data.progress.step, data.progress.total)}"] if (
+        data.progress.step is not None) else []
+    if data.queued_seconds is not None:
+        progress.append(f"queued {duration(data.queued_seconds)}")
+    if data.elapsed_seconds is not None:
+        progress.append(f"ran {duration(data.elapsed_seconds)}")
+    if data.eta_seconds is not None:
+        progress.append(f"ETA {duration(data.eta_seconds)}")
+    progress.append(f"created {clock.ago(data.created_at)}")
+    out.print("  " + ", ".join(progress), highlight=False)
     # Retries count only attempts lost to an infrastructure failure; an attempt Ray never
     # started does not use one up.
     retried = sum(a.outcome == AttemptOutcome.RETRIED for a in data.attempt_history)
     out.print(f"  owner {_text(data.owner)}, {data.gpus} GPU(s), {data.cpus} CPU(s), "
-              f"attempt {data.attempts}, retries used {retried} of {data.max_attempts - 1}, "
-              f"artifacts {_text(data.artifact_dir)}", highlight=False)
+              f"attempt {data.attempts}, retries used {retried} of {data.max_attempts - 1}",
+              highlight=False)
+    out.print(f"  artifacts {_text(data.artifact_dir)}", highlight=False, soft_wrap=True)
     if data.parent_job_id:
         out.print(f"  resumes job {data.parent_job_id} from {_text(data.resume_from or '')}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     if data.error:
         out.print(f"  [red]error:[/] {_text(data.error)}", highlight=False)
     if data.metrics:
-        table = Table("metric", "step", "value", title="latest metrics")
+        shown = table(long("metric"), short("step", "right"), short("value", "right"),
+                      title="latest metrics")
         for name, m in sorted(data.metrics.items()):
-            table.add_row(_text(name), str(m.step), _fmt(m.value))
-        out.print(table)
+            shown.add_row(_text(name), str(m.step), _fmt(m.value))
+        out.print(shown)
     if len(data.attempt_history) > 1 or any(a.cause for a in data.attempt_history):
-        table = Table("attempt", "Ray job", "started", "ended", "outcome", "cause", title="attempts")
+        shown = table(short("attempt", "right"), long("Ray job"), short("started"),
+                      short("ended"), short("outcome"), long("cause", ratio=2), title="attempts")
         for a in data.attempt_history:
-            table.add_row(str(a.attempt), _text(a.ray_submission_id), a.started_at.isoformat()[:19],
-                          a.ended_at.isoformat()[:19] if a.ended_at else "", a.outcome.value,
-                          _text(a.cause.splitlines()[0][:80]) if a.cause else "")
-        out.print(table)
-    table = Table("at", "from", "to", "by", "reason", title="history")
+            shown.add_row(str(a.attempt), _text(a.ray_submission_id), clock.at(a.started_at),
+                          clock.at(a.ended_at), a.outcome.value,
+                          _text(a.cause.splitlines()[0][:200]) if a.cause else "")
+        out.print(shown)
+    shown = table(short("at"), short("from"), short("to"), long("by"), long("reason", ratio=3),
+                  title="history")
     for e in data.events:
-        table.add_row(e.at.isoformat()[:19], e.from_state.value if e.from_state else "",
+        shown.add_row(clock.at(e.at), e.from_state.value if e.from_state else "",
                       e.to_state.value, _text(str(e.details.get("user", ""))), _text(e.reason))
-    out.print(table)
+    out.print(shown)
+
+
+# The columns `orch metrics` shows by default (with the objective's headline metric).
+METRIC_COLUMNS = ("train_loss", "eval_loss")
 
 
 @cli.command()
 @click.argument("job_id", type=int)
 @click.option("--name", help="only this metric")
-@click.option("--all", "include_superseded", is_flag=True,
+@click.option("--wide", "--all", "-w", "wide", is_flag=True,
+              help="every metric, not only train_loss, eval_loss and the headline one")
+@click.option("--superseded", is_flag=True,
               help="also show superseded values, kept as history: those written after the "
                    "step a later run resumed from (all, if it started over); with attempts")
 @output_option
 @friendly_errors
-def metrics(job_id: int, name: str | None, include_superseded: bool, output: str) -> None:
-    """Metrics a job recorded, by step."""
+def metrics(job_id: int, name: str | None, wide: bool, superseded: bool, output: str) -> None:
+    """Metrics a job recorded, by step: train_loss, eval_loss and the objective's headline
+    metric (eval_rougeL for seq2seq, eval_accuracy for mlm); --wide for all of them."""
     data = Client().get_as(MetricsResponse, f"/jobs/{job_id}/metrics", name=name,
-                           all=include_superseded or None)
+                           all=superseded or None)
     if output == "json":
         return print_json(data)
-    names = sorted({m.name for m in data.metrics})
-    # With --all a superseded value and the one that replaced it share a step, even an
-    # attempt (Ray Train restarted the worker group): a row each, the superseded one first.
+    recorded = sorted({m.name for m in data.metrics})
+    wanted = [*METRIC_COLUMNS, headline(data.objective or "")]
+    names = [n for n in dict.fromkeys(wanted) if n in recorded]
+    if wide or name or not names:
+        names = recorded
+    # With --superseded a superseded value and the one that replaced it share a step, even
+    # an attempt (Ray Train restarted the worker group): a row each, the superseded first.
     rows: dict[tuple[int, ...], dict[str, float]] = {}
     for m in data.metrics:
-        key = (m.step, m.attempt, not m.superseded) if include_superseded else (m.step,)
-        rows.setdefault(key, {})[m.name] = m.value
-    table = Table("step", *(("attempt", "superseded") if include_superseded else ()),
-                  *(_text(n) for n in names))
-    for key, values in sorted(rows.items()):
-        marks = [str(key[1]), "" if key[2] else "*"] if include_superseded else []
-        table.add_row(str(key[0]), *marks, *(_fmt(values.get(n)) for n in names))
-    out.print(table)
+        if m.name in names:
+            key: tuple[int, ...] = ((m.step, m.attempt, int(not m.superseded)) if superseded
+                                    else (m.step,))
+            rows.setdefault(key, {})[m.name] = m.value
+    shown = table(short("step", "right"),
+                  *((short("attempt", "right"), short("superseded")) if superseded else ()),
+                  *(short(_text(n), "right") for n in names))
+    for row, values in sorted(rows.items()):
+        marks = [str(row[1]), "" if row[2] else "*"] if superseded else []
+        shown.add_row(str(row[0]), *marks, *(_fmt(values.get(n)) for n in names))
+    print_table(out, shown, wide)
+    hidden = len(recorded) - len(names)
+    if hidden:
+        err.print(f"{hidden} more metric(s) recorded: --wide shows them", style="dim",
+                  highlight=False)
 
 
 @cli.command()
 @click.argument("job_id", type=int)
 @click.option("--all", "include_deleted", is_flag=True, help="include checkpoints retention removed")
+@wide_option
+@utc_option
 @output_option
 @friendly_errors
-def checkpoints(job_id: int, include_deleted: bool, output: str) -> None:
-    """Checkpoints and the final model a job produced."""
-    data = Client().get_as(CheckpointsResponse, f"/jobs/{job_id}/checkpoints",
-                           all=include_deleted or None)
+def checkpoints(job_id: int, include_deleted: bool, wide: bool, utc: bool, output: str) -> None:
+    """Checkpoints and the final model a job produced, each with its full path (on a line of
+    its own, so it is never cut; --wide puts it in a column)."""
+    client = Client()
+    data = client.get_as(CheckpointsResponse, f"/jobs/{job_id}/checkpoints",
+                         all=include_deleted or None)
     if output == "json":
         return print_json(data)
-    table = Table("step", "kind", "best", "latest", "size MB", "metrics", "path")
+    clock = Clock(utc=utc)
+    main = headline(data.objective or "")
+    shown_metrics = list(dict.fromkeys(["eval_loss", main]))
+    header = ["step", "kind", "best", "latest", "size MB", *shown_metrics, "created"]
+    rows = []
     for c in data.checkpoints:
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(c.metrics.items())
-                          if k in ("eval_loss", "eval_rougeL", "eval_perplexity", "eval_accuracy"))
-        table.add_row(str(c.step), c.kind.value + (" (deleted)" if c.deleted else ""),
-                      "*" if c.is_best else "", "*" if c.is_latest else "",
-                      f"{c.size_bytes / 1e6:.1f}", shown, _text(c.path))
-    out.print(table)
+        rows.append([str(c.step), c.kind.value + (" (deleted)" if c.deleted else ""),
+                     "*" if c.is_best else "", "*" if c.is_latest else "",
+                     f"{c.size_bytes / 1e6:.1f}",
+                     *(_fmt(c.metrics.get(m)) for m in shown_metrics), clock.ago(c.created_at)])
+    if wide:
+        shown = table(*header, "path")
+        for row, c in zip(rows, data.checkpoints, strict=True):
+            shown.add_row(*row, _text(c.path))
+        return print_table(out, shown, wide=True)
+    if not rows:
+        click.echo("no checkpoints")
+        return
+    right = [True, False, False, False, True, *(True for _ in shown_metrics), False]
+    lines = aligned([header, *rows], right)
+    click.echo(lines[0])
+    for line, c in zip(lines[1:], data.checkpoints, strict=True):
+        click.echo(line)
+        click.echo(f"  {plain(c.path)}")
 
 
 @cli.command()
@@ -306,8 +396,12 @@ def checkpoints(job_id: int, include_deleted: bool, output: str) -> None:
 @click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
 @friendly_errors
 def logs(job_id: int, follow: bool) -> None:
-    """Print a job's logs (driver and workers)."""
+    """Print a job's logs (driver and workers). With --follow off a terminal, a plain
+    progress line goes to stderr every ORCH_PROGRESS_INTERVAL seconds too."""
+    from orchestrator.commands.follow import Ticker, on_terminal
+
     client = Client()
+    ticker = Ticker(client, job_id) if follow and not on_terminal() else None
     offset = 0
     while True:
         data = client.get_as(LogsResponse, f"/jobs/{job_id}/logs", offset=offset)
@@ -315,6 +409,8 @@ def logs(job_id: int, follow: bool) -> None:
         offset = data.offset
         if not follow or data.state.is_terminal:
             break
+        if ticker is not None:
+            ticker.tick()
         time.sleep(2.0)
 
 
@@ -335,7 +431,7 @@ def cancel(job_id: int) -> None:
 @friendly_errors
 def resume(job_id: int, wait: bool) -> None:
     """Continue a failed or cancelled job from its latest checkpoint, as a new job."""
-    client = Client()
+    client = Client(start=True)
     job = client.post_as(JobSummary, f"/jobs/{job_id}/resume")
     click.echo(f"submitted job {job.id} (resumes job {job_id} from {plain(job.resume_from)})")
     if wait:
@@ -373,6 +469,7 @@ def up(num_gpus: int | None, num_cpus: int | None) -> None:
     from orchestrator.settings import get_settings
 
     tgt = cluster.target()
+    cluster.check_local_ports()  # before anything starts
     if tgt.local and get_settings().executor == "ray":
         cluster.start_local(num_cpus=num_cpus, num_gpus=num_gpus)
     url = start_local_server()
@@ -421,8 +518,9 @@ def server(host: str, port: int | None, auth: str | None) -> None:
 from orchestrator.commands.dashboard import dashboard  # noqa: E402  (the module imports cli's helpers)
 
 cli.add_command(dashboard)
-from orchestrator.commands import model, tracking  # noqa: E402  (they use cli's helpers)
+from orchestrator.commands import model, plot, tracking  # noqa: E402  (they use cli's helpers)
 
+cli.add_command(plot.plot)
 cli.add_command(model.predict)
 cli.add_command(model.export)
 cli.add_command(tracking.tensorboard)

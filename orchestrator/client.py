@@ -1,8 +1,11 @@
 """HTTP client of the control plane, and the local control plane's lifecycle.
 
 `ORCH_SERVER_URL` set: a team's server, with the user's token in `ORCH_API_TOKEN`.
-Otherwise the CLI uses a local server on 127.0.0.1:`ORCH_SERVER_PORT` (8770), starting it
-detached when none answers, as SkyPilot's CLI does with its API server, and sends the token
+Otherwise the CLI uses a local server on 127.0.0.1:`ORCH_SERVER_PORT` (8770). The verbs that
+start work (submit, resume, predict, dashboard, up) start it detached when none answers, as
+SkyPilot's CLI does with its API server; the verbs that only read (list, status, logs, ...)
+never do: with no local server they say so and exit non-zero, so `orch list` after
+`orch down` does not bring the server and its Ray cluster back. It sends the token
 that server keeps in `$ORCH_HOME/api_token` (only to that loopback address, never to a
 remote server). `ORCH_API_TOKEN`, when set, is sent instead.
 
@@ -81,15 +84,43 @@ def _server_pid() -> int | None:
     return pid
 
 
+NO_SERVER = ("no orch server is running at {url}; `orch up` starts one (or set ORCH_SERVER_URL "
+             "to a team's server)")
+
+
+def running_local_server(timeout: float = 120) -> str:
+    """The local control plane's URL if one runs (a slow or starting one is waited for);
+    never starts one."""
+    url = local_url()
+    state = _health(url)
+    if state == "up":
+        return url
+    if state == "down" and _server_pid() is None:
+        raise ServerUnreachable(NO_SERVER.format(url=url))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = _health(url)
+        if state == "up":
+            return url
+        if state == "down" and _server_pid() is None:
+            raise ServerUnreachable(NO_SERVER.format(url=url))
+    raise ServerUnreachable(f"the local orch server did not answer within {timeout:.0f}s; see {server_log()}")
+
+
 def start_local_server(timeout: float = 120) -> str:
     """Start the local control plane (and through it the local Ray cluster) if needed.
 
     Only a port nobody listens on, with no live server process on record, means "no
     server": a slow server (busy, or still starting) is waited for, never duplicated.
+    The local settings are checked first: a bad one is one line, before anything starts.
     """
     url = local_url()
     if _health(url) == "up":
         return url
+    from orchestrator.cluster import check_local_ports
+
+    check_local_ports()
     home = get_settings().home_dir()
     deadline = time.monotonic() + timeout
     # One starter at a time: many CLIs racing on a cold machine start one server.
@@ -154,18 +185,26 @@ def http() -> httpx.Client:
 
 class Client:
     """The control plane's API, for the CLI: typed answers (orchestrator.api), and an
-    OrchError with the server's one-line reason when it refuses."""
+    OrchError with the server's one-line reason when it refuses.
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    `start`: with no server configured, start the local one when none runs (the verbs that
+    start work); otherwise a local server that is not running is an error."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 start: bool = False) -> None:
         settings = get_settings()
         configured = settings.server_url
         self.url = (url or configured or "").rstrip("/")
         self._managed = not (url or configured)
+        self._start = start
         self.token = token or settings.api_token
 
     def _base(self) -> str:
         if not self.url:
-            self.url = start_local_server() if self._managed else local_url()
+            if not self._managed:
+                self.url = local_url()
+            else:
+                self.url = start_local_server() if self._start else running_local_server()
         return self.url
 
     def _token(self, base: str) -> str | None:

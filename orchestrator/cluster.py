@@ -122,11 +122,38 @@ RAY_SETTINGS = {
 }
 
 
+# The local ports orch and its Ray cluster listen on, by setting.
+LOCAL_PORTS = ("server_port", "ray_port", "ray_dashboard_port", "ray_client_port",
+               "ray_agent_port")
+
+
+def check_local_ports() -> None:
+    """Refuse, in one line naming the settings, local port settings Ray would trip over:
+    the Ray client port inside Ray's worker ports (checked when the settings are read), or
+    two of the local ports the same. Called before anything starts (`orch up`, and the
+    CLI starting the local server on demand), so a bad setting never ends in Ray's
+    traceback or a half-started cluster."""
+    from orchestrator.errors import SettingsError
+    from orchestrator.settings import env_name
+
+    settings = get_settings()  # a client port in the worker range is refused here
+    if not target().local or settings.executor != "ray":
+        return  # no local Ray cluster to start
+    by_port: dict[int, list[str]] = {}
+    for name in LOCAL_PORTS:
+        by_port.setdefault(int(getattr(settings, name)), []).append(env_name(name))
+    clashes = [f"{' and '.join(names)} are both {port}; give each its own port"
+               for port, names in by_port.items() if len(names) > 1]
+    if clashes:
+        raise SettingsError(clashes)
+
+
 def start_local(num_cpus: int | None = None, num_gpus: int | None = None,
                 settle_timeout: float = 30.0) -> ClusterTarget:
     """Start the local cluster unless it is already up, then wait (at most `settle_timeout`
     seconds) until it has finished starting up (see `wait_settled`). Idempotent."""
     tgt = target()
+    check_local_ports()
     if not tgt.local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not start it")
     if is_up(tgt.jobs_url):

@@ -49,11 +49,17 @@ class Settings(BaseSettings):
     # -- the CLI's way to the control plane -------------------------------------------------
     server_url: str | None = Field(
         None, json_schema_extra=_used_by("CLI"),
-        description="a team's orch server; unset: a local server the CLI starts on demand")
+        description="a team's orch server; unset: the local server (`orch up` starts it, and so "
+                    "do submit, resume, predict and dashboard; the verbs that only read never do)")
     api_token: str | None = Field(
         None, json_schema_extra=_used_by("CLI"),
         description="the token the CLI sends (`Authorization: Bearer`): a user's token for a "
                     "team server; unset: the local server's, read from `$ORCH_HOME/api_token`")
+
+    progress_interval: float = Field(
+        30.0, gt=0, json_schema_extra=_used_by("CLI"),
+        description="seconds between the plain progress lines `--wait` and `logs --follow` "
+                    "print when their output is not a terminal (a file, a pipe, CI)")
 
     # -- the local cluster and server -------------------------------------------------------
     server_port: int = Field(8770, ge=1, le=65535, json_schema_extra=_used_by("both"),

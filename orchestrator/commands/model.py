@@ -203,7 +203,7 @@ def predict(job_id: int, text: str | None, file: Path | None, checkpoint: str,
 
     @friendly_errors
     def run() -> None:
-        client = Client()
+        client = Client(start=True)  # may need the cluster (a prediction as a Ray Job)
         if file is not None and not file.is_file():
             raise InvalidRequest(f"--file {file}: no such file")
         ref = client.get_as(ModelRef, f"/jobs/{job_id}/model", checkpoint=checkpoint)

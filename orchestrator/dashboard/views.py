@@ -18,24 +18,20 @@ import yaml
 from orchestrator.auth import User
 from orchestrator.downsample import downsample
 from orchestrator.models import Checkpoint, CheckpointKind, Job, utcnow
+from orchestrator.progress import HEADLINE, Progress, headline, progress_metrics, progress_of_jobs
 from orchestrator.states import JobState
 
 if TYPE_CHECKING:
     from orchestrator.server import ControlPlane
     from orchestrator.store import Store
 
-# The metric a job is judged by, per objective: what `best_metric` usually names.
-HEADLINE = {"clm": "eval_loss", "mlm": "eval_accuracy", "seq2seq": "eval_rougeL"}
 # Lower is better for these; for the rest higher is.
 LOWER_IS_BETTER = ("loss", "perplexity")
 # Bookkeeping the Trainer logs with every evaluation; not a quality metric to chart.
 EVAL_TIMING = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 MAX_POINTS = 1000  # per series on a chart
 QUEUE_ROWS = 50  # queued jobs the cluster page lists
-
-
-def headline(objective: str) -> str:
-    return HEADLINE.get(objective, "eval_loss")
+__all__ = ["HEADLINE", "headline"]  # the dashboard's names for orchestrator.progress's
 
 
 def may_act(user: User, job: Job) -> bool:
@@ -60,55 +56,32 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return max(0.0, (end - start).total_seconds())
 
 
-def timing(job: Job, now: datetime) -> dict[str, float | None]:
-    """How long the job waited in the queue and how long it has run (so far)."""
-    if job.started_at is None:
-        waited_until = job.finished_at or now
-        return {"queued_for": _seconds(job.created_at, waited_until), "ran_for": None}
-    return {"queued_for": _seconds(job.created_at, job.started_at),
-            "ran_for": _seconds(job.started_at, job.finished_at or now)}
-
-
-def _total_steps(job: Job, latest: dict[str, tuple[int, float]]) -> int | None:
-    if "total_steps" in latest:
-        return int(latest["total_steps"][1])
-    max_steps = (job.spec.get("training") or {}).get("max_steps")
-    return int(max_steps) if isinstance(max_steps, int) and max_steps > 0 else None
-
-
-def row_metric_names(job: Job) -> list[str]:
-    """The metrics a row of the jobs list shows (plus total_steps, for progress)."""
-    return ["train_loss", headline(job.objective), "total_steps"]
-
-
 def job_row(job: Job, latest: dict[str, tuple[int, float]], user: User,
-            wait_reason: str | None, now: datetime) -> dict[str, Any]:
-    """One job as the jobs list shows it."""
+            progress: Progress) -> dict[str, Any]:
+    """One job as the jobs list shows it (its progress as the API and CLI give it)."""
     main = headline(job.objective)
-    steps = [step for name, (step, _) in latest.items()]
     state = JobState(job.state)
     return {
         "id": job.id, "name": job.name, "state": state.value, "owner": job.owner,
         "objective": job.objective, "model": str(job.spec.get("model") or ""),
         "gpus": job.gpus, "cpus": job.cpus, "priority": job.priority,
-        "step": max(steps) if steps else None, "total_steps": _total_steps(job, latest),
+        "step": progress.step, "total_steps": progress.total,
         "train_loss": latest["train_loss"][1] if "train_loss" in latest else None,
         "headline": main, "headline_value": latest[main][1] if main in latest else None,
         "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at), **timing(job, now),
-        "wait_reason": wait_reason, "error": first_line(job.error),
+        "finished_at": _iso(job.finished_at), "queued_for": progress.queued_for,
+        "ran_for": progress.ran_for, "eta_seconds": progress.eta_seconds,
+        "wait_reason": progress.waiting_reason, "error": first_line(job.error),
         "attempts": job.attempts, "parent_job_id": job.parent_job_id,
         "can_cancel": not state.is_terminal and may_act(user, job),
     }
 
 
 def job_rows(plane: ControlPlane, jobs: Sequence[Job], user: User) -> list[dict[str, Any]]:
-    store = plane.store
-    latest = store.latest_values({int(j.id or 0): row_metric_names(j) for j in jobs})
-    queued = [j for j in jobs if j.state == JobState.QUEUED]
-    reasons = plane.scheduler.wait_reasons(queued) if queued else {}
-    now = utcnow()
-    return [job_row(j, latest.get(int(j.id or 0), {}), user, reasons.get(int(j.id or 0)), now)
+    latest = plane.store.latest_values({int(j.id or 0): progress_metrics(j.objective)
+                                        for j in jobs})
+    progress = progress_of_jobs(plane.store, plane.scheduler, jobs, utcnow(), latest)
+    return [job_row(j, latest.get(int(j.id or 0), {}), user, progress[int(j.id or 0)])
             for j in jobs]
 
 

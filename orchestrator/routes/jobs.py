@@ -40,8 +40,9 @@ from orchestrator.auth import (
 )
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, SpecError
 from orchestrator.joblogs import read_logs
-from orchestrator.models import Checkpoint, CheckpointKind, Job
+from orchestrator.models import Checkpoint, CheckpointKind, Job, utcnow
 from orchestrator.preflight import preflight
+from orchestrator.progress import progress_of_jobs
 from orchestrator.sandbox import Rules, make_job_dir, new_job_dirs
 from orchestrator.spec import JobSpec, spec_from_dict
 from orchestrator.states import JobState
@@ -155,23 +156,26 @@ def create_job(plane: ControlPlane, **fields: Any) -> Job:
 @router.get("/jobs", response_model=list[JobSummary])
 def list_jobs(request: Request, state: str | None = None, owner: str | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[JobSummary]:
-    jobs = plane_of(request).store.list_jobs(states=parse_states(state), owner=owner,
-                                             limit=limit)
-    return [JobSummary.of(j) for j in jobs]
+    plane = plane_of(request)
+    jobs = plane.store.list_jobs(states=parse_states(state), owner=owner, limit=limit)
+    progress = progress_of_jobs(plane.store, plane.scheduler, jobs, utcnow())
+    return [JobSummary.of(j, progress[int(j.id or 0)]) for j in jobs]
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)
 def status(job_id: JobId, request: Request) -> JobDetail:
     plane = plane_of(request)
     job = plane.store.require_job(job_id)
+    latest = plane.store.latest_metrics(job_id)
+    progress = progress_of_jobs(plane.store, plane.scheduler, [job], utcnow(),
+                                {job_id: latest})[job_id]
     return JobDetail(
-        **JobSummary.of(job).model_dump(),
+        **JobSummary.of(job, progress).model_dump(),
         spec=job.spec,
         events=[EventView.of(e) for e in plane.store.events(job_id)],
         attempt_history=[AttemptView.of(a) for a in plane.store.attempts(job_id)],
-        metrics={name: MetricValue(step=step, value=value)
-                 for name, (step, value) in plane.store.latest_metrics(job_id).items()},
-        wait_reason=plane.scheduler.wait_reason(job) if job.state == JobState.QUEUED else None,
+        metrics={name: MetricValue(step=step, value=value) for name, (step, value) in latest.items()},
+        wait_reason=progress.waiting_reason if job.state == JobState.QUEUED else None,
     )
 
 
@@ -234,17 +238,19 @@ def latest_complete_checkpoint(checkpoints: Sequence[Checkpoint]) -> tuple[int, 
 def metrics(job_id: JobId, request: Request, name: str | None = None,
             all: bool = False) -> MetricsResponse:
     plane = plane_of(request)
-    plane.store.require_job(job_id)
+    job = plane.store.require_job(job_id)
     rows = plane.store.metrics(job_id, name=name, include_superseded=all)
-    return MetricsResponse(id=job_id, metrics=[MetricView.of(m) for m in rows])
+    return MetricsResponse(id=job_id, metrics=[MetricView.of(m) for m in rows],
+                           objective=job.objective)
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=CheckpointsResponse)
 def checkpoints(job_id: JobId, request: Request, all: bool = False) -> CheckpointsResponse:
     plane = plane_of(request)
-    plane.store.require_job(job_id)
+    job = plane.store.require_job(job_id)
     rows = plane.store.checkpoints(job_id, include_deleted=all)
-    return CheckpointsResponse(id=job_id, checkpoints=[CheckpointView.of(c) for c in rows])
+    return CheckpointsResponse(id=job_id, checkpoints=[CheckpointView.of(c) for c in rows],
+                               objective=job.objective)
 
 
 @router.get("/jobs/{job_id}/logs", response_model=LogsResponse)

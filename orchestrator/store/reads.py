@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, text
@@ -27,6 +28,12 @@ _LATEST_VALUE = (select(col(Metric.step), col(Metric.value))
                  .order_by(col(Metric.step).desc(), col(Metric.attempt).desc(),
                            col(Metric.id).desc())
                  .limit(1))
+_RECENT_POINTS = (select(col(Metric.step), col(Metric.attempt), col(Metric.at))
+                  .where(col(Metric.job_id) == bindparam("job"),
+                         col(Metric.name) == bindparam("name"), ~col(Metric.superseded))
+                  .order_by(col(Metric.step).desc(), col(Metric.attempt).desc(),
+                            col(Metric.id).desc())
+                  .limit(bindparam("points")))
 _METRIC_NAMES = text(
     "WITH RECURSIVE names(name) AS ("
     " SELECT min(name) FROM metrics WHERE job_id = :job"
@@ -108,6 +115,19 @@ class ReadsStore(StoreBase):
                     row = conn.execute(_LATEST_VALUE, {"job": job_id, "name": name}).first()
                     if row is not None:
                         found[job_id][name] = (int(row[0]), float(row[1]))
+        return found
+
+    def recent_points(self, job_ids: Sequence[int], name: str,
+                      points: int) -> dict[int, list[tuple[int, int, datetime]]]:
+        """job id -> (step, attempt, recorded at) of its latest `points` live values of
+        `name`, newest first: a job's recent pace (orchestrator.progress). One short
+        backward scan of the (job_id, name, step) index per job."""
+        found: dict[int, list[tuple[int, int, datetime]]] = {}
+        with self._read() as session:
+            for job_id in job_ids:
+                rows = session.execute(_RECENT_POINTS, {"job": job_id, "name": name,
+                                                        "points": points})
+                found[job_id] = [(int(step), int(attempt), at) for step, attempt, at in rows]
         return found
 
     def metric_names(self, job_ids: Sequence[int]) -> list[str]:

@@ -145,6 +145,9 @@ def test_control_plane_killed_and_restarted(orch_env, orch_store) -> None:  # ty
         killed_at = max(losses(orch_store, long))
         time.sleep(downtime)
         started = time.monotonic()
+        # `orch list` only reads: it never starts a server. `orch up` brings it back.
+        assert "no orch server is running" in run_orch(orch_env, "list").stderr
+        run_orch(orch_env, "up", timeout=240, check=True)
         after = json.loads(run_orch(orch_env, "list", "-o", "json", check=True).stdout)
         print(f"downtime {downtime}s: control plane back and answering in "
               f"{time.monotonic() - started:.1f}s (the job was at step {killed_at})")
