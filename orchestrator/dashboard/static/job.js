@@ -29,7 +29,9 @@
     const step = job.step === null ? (job.total_steps ? "0" : "–") : String(job.step);
     const total = job.total_steps ? " / " + job.total_steps : "";
     document.getElementById("job-stats").replaceChildren(
-      stat("Progress", step + total, null, orch.progress(job.step, job.total_steps, job.state, true)),
+      stat("Progress", step + total, job.eta_seconds !== null && job.eta_seconds !== undefined
+           ? "ETA " + orch.duration(job.eta_seconds) : null,
+           orch.progress(job.step, job.total_steps, job.state, true)),
       stat("Train loss", orch.number(job.train_loss), job.step !== null ? "at step " + job.step : null),
       stat(job.headline, orch.number(job.headline_value), "main metric for " + job.objective),
       stat("Resources", job.gpus + " GPU" + (job.gpus === 1 ? "" : "s"), job.cpus + " CPUs · priority " + job.priority),
