@@ -230,8 +230,8 @@ def list_jobs(state: str | None, limit: int, wide: bool, utc: bool, output: str)
              "step": step_of(j.progress.step, j.progress.total), "ran": _ran(j),
              "ETA": duration(j.eta_seconds), "created": clock.ago(j.created_at),
              "note": _text(_note(j))} for j in jobs]
-    # Names wrap only past 24 characters; columns no job has a value for are left out.
-    name_width = min(24, max((len(plain(j.name)) for j in jobs), default=4))
+    # Names wrap only past 20 characters; columns no job has a value for are left out.
+    name_width = min(20, max((len(plain(j.name)) for j in jobs), default=4))
     columns = [short("id", "right"), Column("name", overflow="fold", min_width=name_width),
                short("state")]
     if wide:

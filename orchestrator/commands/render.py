@@ -33,9 +33,12 @@ def long(header: str, ratio: int = 1) -> Column:
 
 def table(*columns: Column | str, title: str | None = None) -> Table:
     """A table with a rule under its header and no vertical lines: two spaces between
-    columns, so more of the 80 columns go to the values."""
+    columns, so more of the 80 columns go to the values. Keep the columns' least widths
+    under the terminal's: past that rich crops the free-text columns."""
     cols = [short(c) if isinstance(c, str) else c for c in columns]
-    return Table(*cols, title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    # One space of padding and the (blank) divider: two columns between cells, not three.
+    return Table(*cols, title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False,
+                 show_edge=False)
 
 
 def print_table(console: Console, shown: Table, wide: bool = False) -> None:

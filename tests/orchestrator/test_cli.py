@@ -168,13 +168,20 @@ def test_list_and_status_show_progress_and_fit_80_columns(api: TestClient, store
     row = next(line for line in listed.splitlines() if line.split()[:1] == [str(job_id)])
     assert "120/300" in row and "running" in row
     reason = api.get(f"/jobs/{waiting}").json()["waiting_reason"]
-    assert reason and reason.split()[0] in listed
+    assert reason and " ".join(reason.split()) in _column_text(listed, "note")
     for job in (job_id, waiting):
         shown = run("status", str(job))
         # Paths are printed whole, however long: the rest fits.
         fits("\n".join(line for line in shown.splitlines() if "/" not in line))
     assert "step 120/300" in run("status", str(job_id))
     assert f"waiting: {reason}" in " ".join(run("status", str(waiting), columns=200).split())
+
+
+def _column_text(table_text: str, header: str) -> str:
+    """The words of one column of a printed table (from its header's position on)."""
+    lines = table_text.splitlines()
+    start = lines[0].index(header)
+    return " ".join(word for line in lines[2:] for word in line[start:].split())
 
 
 def test_json_adds_progress_and_keeps_every_key(api: TestClient, store: Store) -> None:
