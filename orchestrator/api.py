@@ -35,11 +35,12 @@ MAX_TOKEN_DAYS = 3650
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
+    # Built on first use: a CLI process uses two or three of these models, not all of them.
+    model_config = ConfigDict(populate_by_name=True, defer_build=True)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 # -- jobs --------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,16 +201,13 @@ def test_a_yaml_alias_bomb_is_refused_at_once_by_orch_validate(server: Server,
                                                               tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(BILLION_LAUGHS)
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "validate", str(bomb)],
                           env=server.env, cwd=REPO, capture_output=True, text=True,
                           timeout=60, preexec_fn=_limit_memory)
-    elapsed = time.monotonic() - started
     line = one_line_error(proc)
     assert "line 4: YAML aliases (*name) are not allowed in a spec" in line
-    # The interpreter's own start is most of this on a busy machine; the parse stops at
-    # the first alias (tests/orchestrator/test_spec.py times it: well under a second).
-    assert elapsed < 20, elapsed
+    # The first alias stops the parse (line 4): under the 2 GiB memory limit an expanding
+    # parser would have died of it, or hit the 60 s timeout, instead of saying this.
 
 
 def test_the_servers_files_and_a_jobs_directories_are_private(server: Server) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -265,12 +264,11 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
 
 
 def test_yaml_aliases_are_refused_before_anything_expands() -> None:
-    """10^9 "lol"s in under 500 bytes: refused at the first alias, in well under a second."""
+    """10^9 "lol"s in under 500 bytes: refused at the first alias (line 4), so nothing is
+    ever expanded; a parser that expanded it would not come back at all."""
     assert len(BILLION_LAUGHS.encode()) < 500
-    started = time.monotonic()
     with pytest.raises(SpecError) as caught:
         parse_yaml(BILLION_LAUGHS, "bomb.yaml")
-    assert time.monotonic() - started < 1.0
     assert str(caught.value) == ("bomb.yaml: line 4: YAML aliases (*name) are not allowed in a "
                                  "spec; write the value out where it is used")
     # An anchor alone expands nothing: plain data, allowed.

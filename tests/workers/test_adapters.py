@@ -419,4 +419,3 @@ def test_lora_example_job_learns(tmp_path: Path) -> None:
     print(summary)
     # A frozen random base caps the gain (see the spec's comment): clearly lower, not halved.
     assert final["eval_loss"] < evals[0] - 0.3, summary
-    assert wall < 120, summary

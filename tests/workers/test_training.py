@@ -277,7 +277,7 @@ def test_make_assets_reproduces_the_committed_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.environ.get("ORCH_EXAMPLE_JOBS") != "1",
-                    reason="full example jobs: set ORCH_EXAMPLE_JOBS=1 (1-2 minutes)")
+                    reason="full example jobs: set ORCH_EXAMPLE_JOBS=1 (1-2 minutes each)")
 @pytest.mark.parametrize("yaml_name", ["t5_summarize.yaml", "gpt2_clm.yaml", "bert_mlm.yaml"])
 def test_example_job_learns(tmp_path: Path, yaml_name: str) -> None:
     spec, _ = load_spec(JOBS / yaml_name)
@@ -298,7 +298,8 @@ def test_example_job_learns(tmp_path: Path, yaml_name: str) -> None:
     if "eval_rougeL" in final:
         assert final["eval_rougeL"] >= 2 * before["eval_rougeL"], summary
         assert final["eval_rougeL"] > 30, summary
-    assert wall < 120, summary
+    # How long it took is printed for docs/benchmarks.md, never asserted: a test's pass
+    # must not depend on how busy the machine is.
 
 
 # ---------------------------------------------------------------------------------------
