@@ -185,12 +185,14 @@ class Scheduler:
                 continue
             before = ahead_of.get(int(job.id), ahead)
             parts = []
+            # Jobs may hold more than the cluster now declares (it shrank, or a node left):
+            # then none is free, never a negative number.
             if job.gpus > free.gpus:
                 parts.append(f"waiting for {job.gpus} GPU{'s' * (job.gpus != 1)}: "
-                             f"{free.gpus} free")
+                             f"{max(0, free.gpus)} free")
             if job.cpus > free.cpus:
                 parts.append(f"waiting for {job.cpus} CPU{'s' * (job.cpus != 1)}: "
-                             f"{free.cpus} free")
+                             f"{max(0, free.cpus)} free")
             if before:
                 parts.append(f"{before} job{'s' * (before != 1)} ahead")
             reasons[int(job.id)] = ", ".join(parts) or "about to be admitted"

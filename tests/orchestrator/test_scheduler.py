@@ -5,6 +5,7 @@ Ray is replaced by a recording fake executor; the store is real (SQLite and Post
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -79,6 +80,17 @@ def test_cpu_capacity_counts_too(store: Store, sched: Scheduler) -> None:
     sched.tick()
     assert state(store, a) == JobState.PENDING and state(store, b) == JobState.QUEUED
     assert "waiting for 4 CPUs: 2 free" in sched.wait_reason(store.get_job(b))  # type: ignore[arg-type]
+
+
+def test_a_shrunken_cluster_has_none_free_never_a_negative_number(store: Store,
+                                                                   sched: Scheduler) -> None:
+    running = add_job(store, gpus=2)
+    sched.tick()
+    waiting = add_job(store, gpus=1)
+    # A node left: the cluster now declares fewer GPUs than the running job holds.
+    sched.capacity = dataclasses.replace(sched.capacity, gpus=1)
+    assert state(store, running) == JobState.PENDING
+    assert sched.wait_reason(store.get_job(waiting)) == "waiting for 1 GPU: 0 free"  # type: ignore[arg-type]
 
 
 def test_never_fits_names_the_field(sched: Scheduler) -> None:
