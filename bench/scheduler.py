@@ -134,7 +134,7 @@ def admissions(url: str, jobs: int, executor: str) -> tuple[float, float, int]:
         queue_jobs(store, jobs)
         while store.queued_jobs(limit=1):
             scheduler.tick()
-        for job in store.list_jobs(states=[JobState.PENDING]):
+        for job in store.list_jobs(states=[JobState.PENDING, JobState.RUNNING]):
             assert job.id is not None
             store.transition(job.id, JobState.CANCELLED, "bench: warm-up over")
         queue_jobs(store, jobs)
