@@ -273,6 +273,9 @@ def main() -> None:
         os.environ["ORCH_DATA_ROOTS"] = str(REPO / "jobs")
         work = Path(tmp)
         for kind in kinds:
+            # A home per database: job ids start at 1 in each, and orch never reuses a
+            # job's directory.
+            os.environ["ORCH_HOME"] = str(work / kind)
             for size in args.sizes:
                 def run(size: int = size, kind: str = kind) -> tuple[float, ...]:
                     with fresh_database(kind, work) as url:
