@@ -190,11 +190,14 @@ class Rules:
         field = "checkpoints.storage"
         if bad := _control_characters(field, value):
             return bad
+        return self._check_written_location(field, value)
+
+    def _check_written_location(self, field: str, value: str, hint: str = "") -> str | None:
+        """A location a job writes to (a path, file://, or a remote URL): the storage roots
+        govern it. `hint` is added to a refused URL's line."""
         if is_url(value) and scheme_of(value) not in LOCAL_SCHEMES:
             problem = self.check_url(field, value, storage=True)
-            default = ("the server's (ORCH_MLFLOW_TRACKING_URI)" if self.mlflow_uri else
-                       "the job's own directory")
-            return problem and f"{problem}; or leave tracking_uri out to log to {default}"
+            return problem and f"{problem}{hint}"
         path = value.split("://", 1)[1] if is_url(value) else value
         return self.check_path(field, path or "/", storage=True)
 
@@ -208,13 +211,10 @@ class Rules:
         if value.startswith("sqlite:"):  # sqlite:///relative.db or sqlite:////absolute.db
             path = value.split(":///", 1)[1] if ":///" in value else ""
             return self.check_path(field, path or "(none)", storage=True)
-        if is_url(value) and scheme_of(value) not in LOCAL_SCHEMES:
-            problem = self.check_url(field, value, storage=True)
-            default = ("the server's (ORCH_MLFLOW_TRACKING_URI)" if self.mlflow_uri else
-                       "the job's own directory")
-            return problem and f"{problem}; or leave tracking_uri out to log to {default}"
-        path = value.split("://", 1)[1] if is_url(value) else value
-        return self.check_path(field, path or "/", storage=True)
+        default = ("the server's (ORCH_MLFLOW_TRACKING_URI)" if self.mlflow_uri else
+                   "the job's own directory")
+        return self._check_written_location(
+            field, value, f"; or leave tracking_uri out to log to {default}")
 
     def problems(self, spec: JobSpec) -> list[str]:
         """Every field of `spec` that reaches outside these rules, one line each."""
