@@ -28,26 +28,11 @@ import pytest
 import yaml
 
 from orchestrator.store import Store
-from tests.support import REPO, run_orch
+from tests.support import BILLION_LAUGHS, REPO, run_orch
 
 ASSETS = REPO / "jobs" / "assets"
 PORT = 8791
 SECRET = "hunter2-do-not-print"
-BILLION_LAUGHS = """\
-name: lol
-objective: clm
-a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
-"""
-
-
 @dataclass
 class Server:
     env: dict[str, str]

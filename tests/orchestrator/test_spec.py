@@ -15,6 +15,7 @@ from orchestrator.spec import (
     parse_yaml,
     spec_from_dict,
 )
+from tests.support import BILLION_LAUGHS
 
 BASE = {
     "name": "t5-test",
@@ -246,21 +247,6 @@ def test_strings_and_lists_have_length_limits() -> None:
         {**BASE, "training": {"source_prefix": "x" * 4097}})
     long_value = problems_of(BASE, ("resources.gpus=" + "x" * 3000,))
     assert len(long_value) < 300  # a bad value is quoted cut short
-
-
-BILLION_LAUGHS = """\
-name: lol
-objective: clm
-a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
-"""
 
 
 def test_yaml_aliases_are_refused_before_anything_expands() -> None:
