@@ -439,3 +439,23 @@ g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]
 h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]
 i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
+
+
+class Killed(BaseException):
+    """The worker process dies: nothing more is recorded (not an Exception, so the attempt
+    does not report it as an error in the job)."""
+
+
+def dies_after_logging(step: int) -> Any:
+    """A Trainer callback that kills the run (raises Killed) once `step`'s loss is logged,
+    after the callbacks before it (the reporter) have recorded it. transformers is imported
+    here, not when the helpers are: most tests never need it."""
+    from transformers import TrainerCallback
+
+    class DiesAfterLogging(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kwargs: Any) -> None:
+            if state.global_step == step and "loss" in (logs or {}):
+                raise Killed(f"killed after step {step}")
+
+    return DiesAfterLogging()

@@ -5,37 +5,19 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 from orchestrator.spec import load_spec  # noqa: E402
-from tests.support import attempt_session  # noqa: E402
+from tests.support import Killed, attempt_session, dies_after_logging  # noqa: E402
 from workers import attempt  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SMALL = ["training.max_steps=6", "training.epochs=null", "training.save_steps=2",
          "training.eval_steps=2", "training.batch_size=4", "training.max_length=32",
          "dataset.max_train_samples=64", "dataset.max_eval_samples=8", "training.logging_steps=1"]
-
-
-class Killed(BaseException):
-    """The worker process dies: nothing more is recorded (not an Exception, so the attempt
-    does not report it as an error in the job)."""
-
-
-class DiesAfterLogging(TrainerCallback):
-    """Kills the run once the reporter (an earlier callback) has recorded `step`'s loss."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.global_step == self.step and "loss" in (logs or {}):
-            raise Killed(f"killed after step {self.step}")
 
 
 def test_resumed_runs_leave_one_live_row_per_metric_and_step(tmp_path: Path) -> None:
@@ -54,7 +36,7 @@ def test_resumed_runs_leave_one_live_row_per_metric_and_step(tmp_path: Path) -> 
         # flush_seconds=0: every value is sent at once, as it would be in a run long enough
         # for the timed flushes, so the dead run leaves rows past its last checkpoint.
         with pytest.raises(Killed):
-            attempt.train(first, client, callbacks=[DiesAfterLogging(5)], flush_seconds=0)
+            attempt.train(first, client, callbacks=[dies_after_logging(5)], flush_seconds=0)
         assert all(m.attempt == 1 for m in store.metrics(job_id))
         assert max(m.step for m in store.metrics(job_id, "train_loss")) == 5
 

@@ -12,10 +12,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 from orchestrator.spec import MlflowSpec, load_spec  # noqa: E402
-from tests.support import attempt_session  # noqa: E402
+from tests.support import Killed, attempt_session, dies_after_logging  # noqa: E402
 from workers import attempt, tracking  # noqa: E402
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -23,19 +22,6 @@ SMALL = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2
          "training.batch_size=4", "training.max_length=32", "training.warmup_steps=0",
          "training.logging_steps=1", "dataset.max_train_samples=48",
          "dataset.max_eval_samples=8"]
-
-
-class Killed(BaseException):
-    """The worker process dies (not an Exception: the attempt records nothing)."""
-
-
-class DiesAfterLogging(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.global_step == self.step and "loss" in (logs or {}):
-            raise Killed(f"killed after step {self.step}")
 
 
 def tensorboard_scalars(directory: Path) -> dict[tuple[str, int], list[float]]:
@@ -80,7 +66,7 @@ def test_tensorboard_and_mlflow_hold_the_stores_values(tmp_path: Path) -> None:
         client = session.client()
         first = attempt.begin(client, where="here", details={})
         with pytest.raises(Killed):
-            attempt.train(first, client, callbacks=[DiesAfterLogging(5)], flush_seconds=0)
+            attempt.train(first, client, callbacks=[dies_after_logging(5)], flush_seconds=0)
         again = attempt.begin(client, where="here", details={})
         assert again.resume_from and again.resume_from.endswith("checkpoint-4")
         attempt.train(again, client)
