@@ -12,9 +12,12 @@ from tests.support import FAKE_GPUS, alive_actor_names, run_orch, wait_until
 
 pytestmark = pytest.mark.ray
 
-LONG_JOB = ["jobs/bert_mlm.yaml", "--set", "training.max_steps=100000",
-            "--set", "training.epochs=null", "--set", f"resources.gpus={FAKE_GPUS}",
-            "--set", "resources.cpus=1", "-q"]
+LONG = ["jobs/bert_mlm.yaml", "--set", "training.max_steps=100000", "--set", "training.epochs=null",
+        "--set", "resources.cpus=1", "-q"]
+# Every GPU of the cluster: a Ray Train group of one worker per GPU.
+ALL_GPUS = [*LONG, "--set", f"resources.gpus={FAKE_GPUS}"]
+# One GPU: one worker actor, which starts several times faster than a group.
+ONE_GPU = [*LONG, "--set", "resources.gpus=1"]
 
 
 def wait_for_state(store, job_id: int, states: set[str], timeout: float = 180) -> None:  # type: ignore[no-untyped-def]
@@ -25,15 +28,15 @@ def wait_for_state(store, job_id: int, states: set[str], timeout: float = 180) -
 
 
 def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    first = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    first = int(run_orch(orch_env, "submit", *ALL_GPUS, check=True).stdout)
     wait_for_state(orch_store, first, {"running"})
 
-    # The second job needs every GPU too: it waits, and says why.
-    second = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    # The first holds every GPU, so the second waits, and says why.
+    second = int(run_orch(orch_env, "submit", *ONE_GPU, check=True).stdout)
     time.sleep(2)  # several scheduler ticks
     waiting = json.loads(run_orch(orch_env, "status", str(second), "-o", "json").stdout)
     assert waiting["state"] == "queued"
-    assert f"waiting for {FAKE_GPUS} GPUs: 0 free" in waiting["wait_reason"]
+    assert "waiting for 1 GPU: 0 free" in waiting["wait_reason"]
 
     proc = run_orch(orch_env, "cancel", str(first), check=True)
     assert "cancelled" in proc.stdout
@@ -41,7 +44,7 @@ def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) ->
     # The local server's token is the OS user's: the cancel is theirs.
     assert orch_store.events(first)[-1].reason == f"cancelled by {getpass.getuser()}"
 
-    # Ray can place the second job's actor on the same GPUs only once the first released them.
+    # Ray can place the second job's actor on a GPU only once the first's group released it.
     wait_for_state(orch_store, second, {"running"}, timeout=240)
 
     # A cancelled job stays cancelled; cancelling again is refused.
@@ -60,8 +63,8 @@ def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) ->
 
 
 def test_cancel_queued_job_never_starts(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    blocker = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
-    queued = int(run_orch(orch_env, "submit", *LONG_JOB, check=True).stdout)
+    blocker = int(run_orch(orch_env, "submit", *ONE_GPU, check=True).stdout)
+    queued = int(run_orch(orch_env, "submit", *ALL_GPUS, check=True).stdout)
     try:
         assert run_orch(orch_env, "cancel", str(queued), check=True).stdout.endswith(
             "(it never started)\n")

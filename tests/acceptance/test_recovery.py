@@ -129,12 +129,12 @@ def test_control_plane_killed_and_restarted(orch_env, orch_store) -> None:  # ty
     and retry, so no metric is lost or counted twice; nothing runs twice. (A 20 s outage,
     on a team server, is tests/acceptance/test_team.py's real-Ray test.)"""
     steps = 120
-    # One GPU, one worker actor (starts fast); the second job needs every GPU, so it
-    # stays queued behind the first across the outage.
+    # One GPU, one worker actor (starts fast); the second job needs every CPU, so it stays
+    # queued behind the first across the outage (and is one worker actor too, not a group).
     long = submit(orch_env, CLM, "--set", f"training.max_steps={steps}", "--set",
                   "training.logging_steps=1", "--set", "resources.gpus=1", "-q")
     waiting = submit(orch_env, CLM, "--set", "training.max_steps=10", "--set",
-                     f"resources.gpus={FAKE_GPUS}", "-q")
+                     f"resources.cpus={FAKE_CPUS}", "-q")
     wait_until(lambda: state_of(orch_store, long) == "running"
                and losses(orch_store, long), 180, "the first losses")
     before = json.loads(run_orch(orch_env, "list", "-o", "json", check=True).stdout)
