@@ -23,6 +23,10 @@ lint: setup
 	$(BIN)/ruff check orchestrator workers tests bench jobs
 
 # pytest exits 5 when it collected no tests: that is a failure here, never a pass.
+# Two test processes (pytest-xdist): one runs every test of the session's Ray cluster
+# (tests/conftest.py groups them), the other the rest meanwhile.
+TEST_PROCESSES ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15; \
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 \
+	  -n $(TEST_PROCESSES) --dist loadgroup; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

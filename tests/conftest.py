@@ -15,6 +15,18 @@ import pytest
 from tests.support import FAKE_CPUS, FAKE_GPUS, SESSION_CLUSTER_PORTS, object_store, offset_ports, run_orch
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the tests in two processes (pytest-xdist, `--dist loadgroup`). The
+    tests that need the session's Ray cluster all run in one of them, so a run starts one
+    cluster; the other process takes the rest meanwhile. The two 200-submit bursts run in
+    one process too, one after the other, not against each other."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.nodeid.startswith("tests/acceptance/test_concurrency.py"):
+            item.add_marker(pytest.mark.xdist_group("concurrency"))
+
+
 @pytest.fixture(scope="session")
 def s3_env() -> Iterator[dict[str, str]]:
     """A local S3-compatible object store for the session; the AWS_* settings that reach it."""

@@ -28,10 +28,14 @@ from tests.support import (
 pytestmark = pytest.mark.ray
 
 CLM = "jobs/gpt2_clm.yaml"
-# Small, deterministic (CPU, fixed threads, dropout off in the tiny model), a loss every step.
-RESUMABLE = ["--set", "training.max_steps=120", "--set", "training.save_steps=20",
+# Small, deterministic (CPU, fixed threads, dropout off in the tiny model), a loss every
+# step, a checkpoint every 20; small batches and evaluations, so a step is cheap.
+STEPS = 100
+SMALL = ["--set", "training.batch_size=4", "--set", "training.max_length=64",
+         "--set", "dataset.max_eval_samples=16"]
+RESUMABLE = ["--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=20",
              "--set", "training.eval_steps=20", "--set", "training.logging_steps=1",
-             "--set", "training.seed=7", "--set", "retries=1", "-q"]
+             "--set", "training.seed=7", "--set", "retries=1", *SMALL, "-q"]
 
 
 def submit(env: dict[str, str], *args: str) -> int:
@@ -72,18 +76,18 @@ def test_killed_worker_is_retried_and_resumes_exactly(orch_env, orch_store) -> N
     resumed = next(e for e in reversed(orch_store.events(victim)) if e.to_state == "running")
     resume_step = resumed.details["resume_step"]
     assert f"resuming from step {resume_step}" in resumed.reason
-    assert 20 <= resume_step < 120, (resume_step, killed_at)
+    assert 20 <= resume_step < STEPS, (resume_step, killed_at)
 
     # Same final step; every loss after the resume point equals the uninterrupted run's.
     ref, after = losses(orch_store, reference), losses(orch_store, victim, attempt=2)
-    assert max(ref) == max(after) == 120
+    assert max(ref) == max(after) == STEPS
     assert min(after) == resume_step + 1
     # The killed attempt's losses after the resume point are kept, but superseded.
     killed = [m for m in orch_store.metrics(victim, name="train_loss", include_superseded=True)
               if m.attempt == 1]
     assert [m.step for m in killed if not m.superseded] == list(range(1, resume_step + 1))
     assert all(m.step > resume_step for m in killed if m.superseded)
-    assert assert_each_live_loss_once(orch_store, victim) == list(range(1, 121))
+    assert assert_each_live_loss_once(orch_store, victim) == list(range(1, STEPS + 1))
     worst = max(abs(ref[s] - after[s]) for s in after)
     print(f"resume equivalence: resumed at step {resume_step}, max |loss diff| {worst:.2e}")
     assert worst <= 1e-4
@@ -118,7 +122,7 @@ def test_cancelled_job_resumes_as_a_new_job(storage: str, orch_env, orch_store, 
         assert final.path == f"s3://orch-resume/runs/{new}/final"
         assert is_complete_checkpoint(orch_store.checkpoints(new)[0].path)
     assert orch_store.get_job(old).state == "cancelled"  # terminal states never change
-    assert min(losses(orch_store, new)) == step + 1 and max(losses(orch_store, new)) == 120
+    assert min(losses(orch_store, new)) == step + 1 and max(losses(orch_store, new)) == STEPS
     again = run_orch(orch_env, "resume", str(new))
     assert again.returncode == 1 and "only failed or cancelled jobs can be resumed" in again.stderr
 
@@ -167,9 +171,9 @@ def test_control_plane_killed_and_restarted(orch_env, orch_store) -> None:  # ty
 
 
 def test_ray_cluster_lost_and_back(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]
-    job = submit(orch_env, CLM, "--set", "training.max_steps=300", "--set",
+    job = submit(orch_env, CLM, "--set", "training.max_steps=200", "--set",
                  "training.save_steps=20", "--set", "training.eval_steps=20", "--set",
-                 "retries=1", "-q")
+                 "retries=1", *SMALL, "-q")
     wait_until(lambda: state_of(orch_store, job) == "running" and orch_store.checkpoints(job),
                240, "the first checkpoint")
 
