@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,6 +129,8 @@ def start_local_server(timeout: float = 120) -> str:
     url = local_url()
     if _health(url) == "up":
         return url
+    import subprocess
+
     from orchestrator.cluster import check_local_ports
 
     check_local_ports()
