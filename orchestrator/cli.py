@@ -12,30 +12,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Column
 
-from orchestrator.api import (
-    CancelResponse,
-    CheckpointsResponse,
-    ClusterInfo,
-    JobDetail,
-    JobSummary,
-    LogsResponse,
-    MetricsResponse,
-    WhoAmI,
-)
 from orchestrator.client import Client, dump
-from orchestrator.commands.render import Clock, aligned, long, print_table, short, table
 from orchestrator.commands.users import users
-from orchestrator.errors import InvalidRequest, OrchError
-from orchestrator.progress import duration, headline, step_of
-from orchestrator.spec import SpecError, load_spec
-from orchestrator.states import AttemptOutcome, JobState
+from orchestrator.errors import InvalidRequest, OrchError, SpecError
+
+# What a command needs beyond click is imported inside it: the api models (pydantic), the
+# spec (pydantic, yaml), rich (tables, colour) and the HTTP client's httpx cost a CLI
+# process far more CPU than the command itself, and each command needs only some of them
+# (`orch --help` none, `orch submit -q` no rich). tests/orchestrator/test_cli_imports.py
+# keeps it so.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from orchestrator.api import JobDetail, JobSummary
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # C0 and C1 control characters but tab and newline: an ANSI escape in a job's name, owner
@@ -43,9 +36,36 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # In logs a carriage return stays too: progress bars redraw their line with it.
 _LOG_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-out = Console()
-err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+if TYPE_CHECKING:
+    out: Console
+    err: Console
+
+
+def __getattr__(name: str) -> Any:
+    """`out` and `err`, the rich consoles of stdout and stderr, made on first use (a test
+    may put its own in place with mock.patch.object)."""
+    if name in ("out", "err"):
+        from rich.console import Console
+
+        console = Console(stderr=name == "err")
+        globals()[name] = console
+        return console
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(name: str) -> Console:
+    console = globals().get(name)
+    return __getattr__(name) if console is None else console
+
+
+def _out() -> Console:
+    return _console("out")
+
+
+def _err() -> Console:
+    return _console("err")
 
 
 def plain(value: object) -> str:
@@ -56,6 +76,8 @@ def plain(value: object) -> str:
 def _text(value: object) -> str:
     """The same for rich output: control characters stripped and markup escaped, so
     `[bold red]x[/]` in an owner's name prints as written."""
+    from rich.markup import escape
+
     return escape(plain(value))
 
 
@@ -67,10 +89,10 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except OrchError as exc:
-            err.print(f"[bold red]error:[/] {_text(exc)}", highlight=False, soft_wrap=True)
+            _err().print(f"[bold red]error:[/] {_text(exc)}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            err.print("interrupted")
+            _err().print("interrupted")
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
@@ -117,6 +139,7 @@ def cli() -> None:
 def validate(spec_file: Path, overrides: tuple[str, ...]) -> None:
     """Check a job spec without submitting it (model, tokenizer and data included)."""
     from orchestrator.preflight import preflight
+    from orchestrator.spec import load_spec
 
     spec, _ = load_spec(spec_file, overrides)
     problems = preflight(spec)
@@ -135,6 +158,9 @@ def validate(spec_file: Path, overrides: tuple[str, ...]) -> None:
 @friendly_errors
 def submit(spec_file: Path, overrides: tuple[str, ...], wait: bool, quiet: bool) -> None:
     """Validate SPEC_FILE and queue it as a job. Prints the job id."""
+    from orchestrator.api import JobSummary
+    from orchestrator.spec import load_spec
+
     spec, text = load_spec(spec_file, overrides)
     spec_yaml = text + "".join(f"\n# --set {o}" for o in overrides)
     client = Client(start=True)
@@ -154,9 +180,9 @@ def _follow(client: Client, job_id: int) -> JobDetail:
     from orchestrator.commands.follow import follow
 
     try:
-        status = follow(client, job_id, err)
+        status = follow(client, job_id, _err())
     except KeyboardInterrupt:
-        err.print(f"stopped following; job {job_id} keeps running "
+        _err().print(f"stopped following; job {job_id} keeps running "
                   f"(orch cancel {job_id} stops it)")
         raise
     _print_result(status)
@@ -167,6 +193,7 @@ def _print_result(status: JobDetail) -> None:
     evals = {k: v.value for k, v in status.metrics.items() if k.startswith("eval_")
              and not k.endswith(("runtime", "per_second"))}
     summary = ", ".join(f"{_text(k)} {_fmt(v)}" for k, v in sorted(evals.items()))
+    err = _err()
     err.print(f"job {status.id} {_state(status.state.value)}" + (f": {summary}" if summary else ""))
     if status.state == "succeeded":
         err.print(f"artifacts: {_text(status.artifact_dir)}")
@@ -180,6 +207,8 @@ def check_states(text: str | None) -> str | None:
     valid ones (the server refuses it too, with a 422)."""
     if not text:
         return None
+    from orchestrator.states import JobState
+
     valid = [s.value for s in JobState]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in valid]
@@ -207,6 +236,8 @@ def _note(job: JobSummary) -> str:
 
 
 def _ran(job: JobSummary) -> str:
+    from orchestrator.progress import duration
+
     if job.elapsed_seconds is not None:
         return duration(job.elapsed_seconds)
     return f"queued {duration(job.queued_seconds)}" if job.queued_seconds is not None else ""
@@ -221,9 +252,16 @@ def _ran(job: JobSummary) -> str:
 @friendly_errors
 def list_jobs(state: str | None, limit: int, wide: bool, utc: bool, output: str) -> None:
     """List jobs, newest first: progress, time running, ETA, and why a job waits."""
+    from orchestrator.api import JobSummary
+
     jobs = Client().get_as(list[JobSummary], "/jobs", state=check_states(state), limit=limit)
     if output == "json":
         return print_json(jobs)
+    from rich.table import Column
+
+    from orchestrator.commands.render import Clock, long, print_table, short, table
+    from orchestrator.progress import duration, step_of
+
     clock = Clock(utc=utc)
     rows = [{"id": str(j.id), "name": _text(j.name), "state": _state(j.state.value),
              "objective": _text(j.objective), "owner": _text(j.owner), "gpus": str(j.gpus),
@@ -241,7 +279,7 @@ def list_jobs(state: str | None, limit: int, wide: bool, utc: bool, output: str)
     shown = table(*columns)
     for row in rows:
         shown.add_row(*(row[str(c.header)] for c in columns))
-    print_table(out, shown, wide)
+    print_table(_out(), shown, wide)
 
 
 @cli.command()
@@ -251,9 +289,16 @@ def list_jobs(state: str | None, limit: int, wide: bool, utc: bool, output: str)
 @friendly_errors
 def status(job_id: int, utc: bool, output: str) -> None:
     """Show a job: state (and why it waits), progress, latest metrics, history."""
+    from orchestrator.api import JobDetail
+
     data = Client().get_as(JobDetail, f"/jobs/{job_id}")
     if output == "json":
         return print_json(data)
+    from orchestrator.commands.render import Clock, long, short, table
+    from orchestrator.progress import duration, step_of
+    from orchestrator.states import AttemptOutcome
+
+    out = _out()
     clock = Clock(utc=utc)
     out.print(f"[bold]job {data.id}[/] {_text(data.name)} ({_text(data.objective)}) "
               f"{_state(data.state.value)}", highlight=False)
@@ -320,10 +365,15 @@ METRIC_COLUMNS = ("train_loss", "eval_loss")
 def metrics(job_id: int, name: str | None, wide: bool, superseded: bool, output: str) -> None:
     """Metrics a job recorded, by step: train_loss, eval_loss and the objective's headline
     metric (eval_rougeL for seq2seq, eval_accuracy for mlm); --wide for all of them."""
+    from orchestrator.api import MetricsResponse
+
     data = Client().get_as(MetricsResponse, f"/jobs/{job_id}/metrics", name=name,
                            all=superseded or None)
     if output == "json":
         return print_json(data)
+    from orchestrator.commands.render import print_table, short, table
+    from orchestrator.progress import headline
+
     recorded = sorted({m.name for m in data.metrics})
     wanted = [*METRIC_COLUMNS, headline(data.objective or "")]
     names = [n for n in dict.fromkeys(wanted) if n in recorded]
@@ -343,10 +393,10 @@ def metrics(job_id: int, name: str | None, wide: bool, superseded: bool, output:
     for row, values in sorted(rows.items()):
         marks = [str(row[1]), "" if row[2] else "*"] if superseded else []
         shown.add_row(str(row[0]), *marks, *(_fmt(values.get(n)) for n in names))
-    print_table(out, shown, wide)
+    print_table(_out(), shown, wide)
     hidden = len(recorded) - len(names)
     if hidden:
-        err.print(f"{hidden} more metric(s) recorded: --wide shows them", style="dim",
+        _err().print(f"{hidden} more metric(s) recorded: --wide shows them", style="dim",
                   highlight=False)
 
 
@@ -360,11 +410,16 @@ def metrics(job_id: int, name: str | None, wide: bool, superseded: bool, output:
 def checkpoints(job_id: int, include_deleted: bool, wide: bool, utc: bool, output: str) -> None:
     """Checkpoints and the final model a job produced, each with its full path (on a line of
     its own, so it is never cut; --wide puts it in a column)."""
+    from orchestrator.api import CheckpointsResponse
+
     client = Client()
     data = client.get_as(CheckpointsResponse, f"/jobs/{job_id}/checkpoints",
                          all=include_deleted or None)
     if output == "json":
         return print_json(data)
+    from orchestrator.commands.render import Clock, aligned, print_table, table
+    from orchestrator.progress import headline
+
     clock = Clock(utc=utc)
     main = headline(data.objective or "")
     shown_metrics = list(dict.fromkeys(["eval_loss", main]))
@@ -379,7 +434,7 @@ def checkpoints(job_id: int, include_deleted: bool, wide: bool, utc: bool, outpu
         shown = table(*header, "path")
         for row, c in zip(rows, data.checkpoints, strict=True):
             shown.add_row(*row, _text(c.path))
-        return print_table(out, shown, wide=True)
+        return print_table(_out(), shown, wide=True)
     if not rows:
         click.echo("no checkpoints")
         return
@@ -398,6 +453,7 @@ def checkpoints(job_id: int, include_deleted: bool, wide: bool, utc: bool, outpu
 def logs(job_id: int, follow: bool) -> None:
     """Print a job's logs (driver and workers). With --follow off a terminal, a plain
     progress line goes to stderr every ORCH_PROGRESS_INTERVAL seconds too."""
+    from orchestrator.api import LogsResponse
     from orchestrator.commands.follow import Ticker, on_terminal
 
     client = Client()
@@ -419,6 +475,8 @@ def logs(job_id: int, follow: bool) -> None:
 @friendly_errors
 def cancel(job_id: int) -> None:
     """Cancel a job: a queued one never starts, a running one is stopped."""
+    from orchestrator.api import CancelResponse
+
     data = Client().post_as(CancelResponse, f"/jobs/{job_id}/cancel")
     click.echo(plain(data.message))
     if not data.cancelled:
@@ -431,6 +489,8 @@ def cancel(job_id: int) -> None:
 @friendly_errors
 def resume(job_id: int, wait: bool) -> None:
     """Continue a failed or cancelled job from its latest checkpoint, as a new job."""
+    from orchestrator.api import JobSummary
+
     client = Client(start=True)
     job = client.post_as(JobSummary, f"/jobs/{job_id}/resume")
     click.echo(f"submitted job {job.id} (resumes job {job_id} from {plain(job.resume_from)})")
@@ -448,6 +508,8 @@ cli.add_command(users)
 @friendly_errors
 def whoami(output: str) -> None:
     """Who the server takes you for (your token's user), and your limits."""
+    from orchestrator.api import WhoAmI
+
     client = Client()
     me = client.get_as(WhoAmI, "/whoami")
     if output == "json":
@@ -465,6 +527,7 @@ def whoami(output: str) -> None:
 def up(num_gpus: int | None, num_cpus: int | None) -> None:
     """Start the local Ray cluster and control plane (submit does this on demand)."""
     from orchestrator import cluster
+    from orchestrator.api import ClusterInfo
     from orchestrator.client import start_local_server
     from orchestrator.settings import get_settings
 

@@ -17,14 +17,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TypeVar
-
-import httpx
-from pydantic import BaseModel, TypeAdapter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.errors import (
     Conflict,
@@ -37,11 +33,25 @@ from orchestrator.errors import (
     Unauthorized,
 )
 from orchestrator.local_token import read_local_token
-from orchestrator.settings import get_settings
+
+# httpx, pydantic and the settings are imported where they are first needed: this module is
+# imported by every `orch` command, `orch --help` included, and those imports are most of
+# what a CLI process costs.
+if TYPE_CHECKING:
+    import httpx
+    from pydantic import BaseModel, TypeAdapter
+
+    from orchestrator.settings import Settings
 
 T = TypeVar("T")
 _BY_STATUS: dict[int, type[OrchError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound,
                                            409: Conflict, 422: InvalidRequest}
+
+
+def get_settings() -> Settings:
+    from orchestrator.settings import get_settings
+
+    return get_settings()
 
 
 def local_port() -> int:
@@ -62,6 +72,7 @@ def server_log() -> Path:
 
 def _health(url: str, timeout: float = 2) -> str:
     """"up", "down" (nothing listens) or "busy" (something listens but is slow)."""
+    httpx = _httpx()
     try:
         ok = http().get(f"{url}/health", timeout=timeout).status_code == 200
     except httpx.ConnectError:
@@ -118,6 +129,8 @@ def start_local_server(timeout: float = 120) -> str:
     url = local_url()
     if _health(url) == "up":
         return url
+    import subprocess
+
     from orchestrator.cluster import check_local_ports
 
     check_local_ports()
@@ -175,11 +188,43 @@ def stop_local_server(timeout: float = 20) -> bool:
 _HTTP: httpx.Client | None = None
 
 
+def _httpx() -> Any:
+    """httpx, imported without its own command line (`httpx._main`), which imports rich
+    and click's whole UI: a CLI process that needs neither would pay for both."""
+    if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]  # httpx falls back
+        try:
+            import httpx
+        finally:
+            if sys.modules.get("httpx._main", 0) is None:
+                del sys.modules["httpx._main"]
+    import httpx
+
+    return httpx
+
+
+def _may_use_tls() -> bool:
+    """Whether this process's requests can meet TLS: an https server, or an https proxy."""
+    proxies = [value for key, value in os.environ.items()
+               if key.lower() in ("https_proxy", "http_proxy", "all_proxy")]
+    return any(url.lower().startswith("https://")
+               for url in [get_settings().server_url or "", *proxies])
+
+
 def http() -> httpx.Client:
     """One HTTP client (one connection pool) per CLI process."""
     global _HTTP
     if _HTTP is None:
-        _HTTP = httpx.Client(timeout=120)
+        import ssl
+
+        # httpx's default context reads the whole CA bundle, which costs a CLI process a
+        # tenth of a CPU-second. Talking plain HTTP (the local server, an http:// team
+        # server) needs none: a context with no CAs, that still demands a verified
+        # certificate, so a TLS connection it was not meant for fails instead of going
+        # unchecked.
+        verify: bool | ssl.SSLContext = (True if _may_use_tls()
+                                         else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        _HTTP = _httpx().Client(timeout=120, verify=verify)
     return _HTTP
 
 
@@ -218,6 +263,7 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         base = self._base()
+        httpx = _httpx()
         headers = {}
         if token := self._token(base):
             headers["Authorization"] = f"Bearer {token}"
@@ -254,9 +300,13 @@ class Client:
 
 
 def _adapter(kind: type[T]) -> TypeAdapter[T]:
+    from pydantic import TypeAdapter
+
     return TypeAdapter(kind)
 
 
 def dump(value: BaseModel | list[Any]) -> Any:
     """An api model (or list of them) as the JSON `-o json` prints: the API's own keys."""
+    from pydantic import TypeAdapter
+
     return TypeAdapter(type(value)).dump_python(value, mode="json", by_alias=True)

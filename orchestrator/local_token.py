@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import ClassVar
 
 from orchestrator.errors import OrchError
-from orchestrator.tokens import LOCAL_PREFIX, new_token
 
 TOKEN_FILE = "api_token"
-_TOKEN_FORM = re.compile(re.escape(LOCAL_PREFIX) + r"[A-Za-z0-9_-]{43}")
+
+
+def _token_form() -> re.Pattern[str]:
+    # orchestrator.tokens (hashlib, secrets) is imported by the server only: the CLI, which
+    # imports this module for read_local_token, never makes or checks a token.
+    from orchestrator.tokens import LOCAL_PREFIX
+
+    return re.compile(re.escape(LOCAL_PREFIX) + r"[A-Za-z0-9_-]{43}")
 
 
 class LocalTokenRefused(OrchError):
@@ -41,6 +47,8 @@ def token_file(home: Path) -> Path:
 
 def ensure_local_token(home: Path) -> str:
     """The local server's token: made now, or the existing file's if it is safe to reuse."""
+    from orchestrator.tokens import LOCAL_PREFIX, new_token
+
     path = token_file(home)
     token = new_token(LOCAL_PREFIX)
     try:
@@ -68,7 +76,7 @@ def _reuse(path: Path) -> str:
         raise LocalTokenRefused(f"{path} has mode {mode:04o}, not 0600 (others may have read "
                                 f"it); {fix}")
     token = _read(path)
-    if token is None or not _TOKEN_FORM.fullmatch(token):
+    if token is None or not _token_form().fullmatch(token):
         raise LocalTokenRefused(f"{path} does not hold a token orch made; {fix}")
     return token
 

@@ -16,10 +16,9 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from orchestrator.errors import SettingsError
 from orchestrator.sandbox import parse_roots, parse_schemes, private_dir
@@ -32,10 +31,26 @@ def _used_by(who: str) -> dict[str, Any]:
     return {"used_by": who}
 
 
-class Settings(BaseSettings):
-    """orch's configuration. Field `x` is read from the environment variable `ORCH_X`."""
+def _environment() -> dict[str, str]:
+    """The `ORCH_*` variables as field values, read as pydantic-settings reads them (names
+    case-insensitive, values as written: every field is a scalar or a comma-separated list).
 
-    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore", frozen=True)
+    Read by hand rather than through pydantic-settings: importing that package costs every
+    CLI process more CPU than everything else it needs to submit a job."""
+    variables = {key.lower(): value for key, value in os.environ.items()}
+    fields = Settings.model_fields
+    return {name: variables[f"orch_{name}"] for name in fields if f"orch_{name}" in variables}
+
+
+class Settings(BaseModel):
+    """orch's configuration. Field `x` is read from the environment variable `ORCH_X`;
+    a value passed to the constructor wins over the variable."""
+
+    # validate_default: defaults go through the validators too (`home` is expanded).
+    model_config = ConfigDict(extra="ignore", frozen=True, validate_default=True)
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**{**_environment(), **values})
 
     # -- where state lives ----------------------------------------------------------------
     home: Path = Field(
@@ -122,19 +137,19 @@ class Settings(BaseSettings):
     noop_cpus: int = Field(100_000, ge=0, json_schema_extra=_used_by("server"),
                            description="CPUs the `noop` executor pretends to have")
     # -- what a job spec may touch (orchestrator.sandbox) ----------------------------------
-    # Comma-separated lists: NoDecode keeps pydantic-settings from reading them as JSON.
-    allowed_url_schemes: Annotated[list[str], NoDecode] = Field(
+    # Comma-separated lists, split by their validators below (never read as JSON).
+    allowed_url_schemes: list[str] = Field(
         ["s3", "gs", "az"], json_schema_extra=_used_by("server"),
         description="URL schemes a spec may use, for checkpoint storage and dataset files "
                     "alike (`webhdfs://`, `ftp://`, `http://` ... are refused: a spec must not "
                     "make the server connect wherever it says)")
-    data_roots: Annotated[list[str] | None, NoDecode] = Field(
+    data_roots: list[str] | None = Field(
         None, json_schema_extra=_used_by("server"),
         description="directories (and URL prefixes, e.g. `s3://team-bucket/data`) that a "
                     "spec's dataset files, dataset dirs and model/tokenizer dirs must lie "
                     "under, after resolving `..`, `~` and links; unset: anywhere with `--auth "
                     "local`, only `$ORCH_HOME/data` and `$ORCH_HOME/jobs` with `--auth users`")
-    storage_roots: Annotated[list[str] | None, NoDecode] = Field(
+    storage_roots: list[str] | None = Field(
         None, json_schema_extra=_used_by("server"),
         description="directories and URL prefixes that `checkpoints.storage` must lie under, "
                     "e.g. `/shared/orch,s3://team-bucket/orch`; unset: anywhere with `--auth "

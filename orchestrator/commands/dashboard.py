@@ -7,8 +7,8 @@ from urllib.parse import quote
 
 import click
 
-from orchestrator.client import Client, local_url, start_local_server
-from orchestrator.settings import get_settings
+# The client's get_settings imports the settings (pydantic) only when called.
+from orchestrator.client import Client, get_settings, local_url, start_local_server
 
 
 def local_token() -> str | None:

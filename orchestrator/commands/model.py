@@ -19,14 +19,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator.api import ModelRef, PredictResponse
 from orchestrator.client import Client, dump
 from orchestrator.errors import Conflict, InvalidRequest
-from orchestrator.sandbox import is_hub_id
+
+if TYPE_CHECKING:  # imported when a command runs: `orch` imports this module for every command
+    from orchestrator.api import ModelRef
 
 MAX_INPUTS = 1000
 # Inputs per request to the control plane: its bound, and well under the size one
@@ -92,6 +93,8 @@ def reachable_here(ref: ModelRef) -> bool:
         return False
     adapter = path / "adapter_config.json"
     if adapter.is_file():
+        from orchestrator.sandbox import is_hub_id
+
         try:
             base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
         except (OSError, ValueError):
@@ -125,6 +128,8 @@ def predict_here(ref: ModelRef, inputs: list[Any], max_new_tokens: int | None,
 
 def predict_on_cluster(client: Client, ref: ModelRef, inputs: list[Any],
                        max_new_tokens: int | None, top_k: int) -> list[dict[str, Any]]:
+    from orchestrator.api import PredictResponse
+
     answers: list[dict[str, Any]] = []
     for chunk in request_chunks(inputs):
         body = {"inputs": chunk, "checkpoint": ref.which, "max_new_tokens": max_new_tokens,
@@ -203,6 +208,8 @@ def predict(job_id: int, text: str | None, file: Path | None, checkpoint: str,
 
     @friendly_errors
     def run() -> None:
+        from orchestrator.api import ModelRef, PredictResponse
+
         client = Client(start=True)  # may need the cluster (a prediction as a Ray Job)
         if file is not None and not file.is_file():
             raise InvalidRequest(f"--file {file}: no such file")
@@ -236,6 +243,7 @@ def export(job_id: int, directory: Path, checkpoint: str) -> None:
 
     @friendly_errors
     def run() -> None:
+        from orchestrator.api import ModelRef
         from workers.export import ExportRefused, check_target
 
         try:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +75,8 @@ def gather(client: Client, job_ids: tuple[int, ...], metric: str) -> list[Curves
 def save_png(jobs: list[Curves], metric: str, path: Path) -> None:
     """Train loss and `metric` side by side, one colour per job; written to a temporary
     file beside `path` and moved there, so a failure leaves no half-written file."""
+    import tempfile
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +162,8 @@ def terminal_chart(jobs: list[Curves], metric: str, width: int, color: bool) -> 
 def plot(job_ids: tuple[int, ...], path: Path | None, metric: str) -> None:
     """Plot jobs' train_loss and an eval metric against step, overlaid; a resumed job is
     drawn with the jobs it continues, as one curve."""
+    import shutil
+
     from orchestrator.cli import err, friendly_errors, out, plain
 
     @friendly_errors

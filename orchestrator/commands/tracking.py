@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from orchestrator.api import JobDetail
 from orchestrator.client import Client
 from orchestrator.errors import Conflict
+
+if TYPE_CHECKING:  # imported when the command runs: `orch` imports this module for every command
+    from orchestrator.api import JobDetail
 
 TENSORBOARD_DIR = "tensorboard"  # workers.tracking.TENSORBOARD_DIR (no torch import here)
 
@@ -25,6 +28,8 @@ TENSORBOARD_DIR = "tensorboard"  # workers.tracking.TENSORBOARD_DIR (no torch im
 def event_dirs(client: Client, job_ids: tuple[int, ...]) -> dict[str, str]:
     """`job-<id>` -> its event directory, for each job and the jobs a resumed one continues
     (oldest first); a job that writes none is refused in one line."""
+    from orchestrator.api import JobDetail
+
     runs: dict[str, str] = {}
     for job_id in job_ids:
         chain: list[JobDetail] = []

@@ -12,22 +12,17 @@ from __future__ import annotations
 import functools
 import getpass
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from orchestrator.api import (
-    AuditView,
-    IssuedToken,
-    RevokeResponse,
-    UserCreated,
-    UserView,
-)
 from orchestrator.client import Client
 from orchestrator.errors import InvalidRequest, OrchError
-from orchestrator.settings import get_settings
+
+# The api models, rich and the settings are imported by the commands that use them: `orch`
+# imports this module for every command, `orch --help` included.
+if TYPE_CHECKING:
+    from orchestrator.api import IssuedToken, UserCreated
 
 F = TypeVar("F", bound=Callable[..., Any])
 INT32 = click.IntRange(-(2**31), 2**31 - 1)
@@ -70,6 +65,8 @@ def _console() -> Any:
 
 def _team_client() -> Client:
     """The team server's client; a plain local setup has no users to manage."""
+    from orchestrator.settings import get_settings
+
     if not get_settings().server_url:
         raise OrchError("orch users manages a team server: set ORCH_SERVER_URL (a server "
                         "started with --auth users) and ORCH_API_TOKEN (an admin's token); on "
@@ -106,6 +103,8 @@ def users() -> None:
 def add(name: str, admin: bool, gpu_cap: int | None, max_priority: int | None,
         token_name: str | None, expires_in: int | None, database: bool, output: str) -> None:
     """Add user NAME; prints their first token."""
+    from orchestrator.api import UserCreated
+
     role = "admin" if admin else "user"
     if database:
         created = _add_in_database(name, role, gpu_cap, max_priority, token_name, expires_in)
@@ -125,7 +124,9 @@ def _add_in_database(name: str, role: str, gpu_cap: int | None, max_priority: in
                      token_name: str | None, expires_in: int | None) -> UserCreated:
     from datetime import timedelta
 
+    from orchestrator.api import IssuedToken, UserCreated, UserView
     from orchestrator.models import utcnow
+    from orchestrator.settings import get_settings
     from orchestrator.store import Store
 
     expires_at = utcnow() + timedelta(days=expires_in) if expires_in else None
@@ -144,9 +145,14 @@ def _add_in_database(name: str, role: str, gpu_cap: int | None, max_priority: in
 @_friendly
 def list_users(output: str) -> None:
     """Every user, their limits and their tokens (names only)."""
+    from orchestrator.api import UserView
+
     found = _team_client().get_as(list[UserView], "/users")
 
     def lines() -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
         table = Table("name", "role", "GPU cap", "max priority", "created", "disabled",
                       "live tokens")
         for u in found:
@@ -177,6 +183,8 @@ def _token_label(token: Any) -> str:
 @_friendly
 def token(name: str, token_name: str | None, expires_in: int | None, output: str) -> None:
     """Issue another token for user NAME; prints it."""
+    from orchestrator.api import IssuedToken
+
     issued = _team_client().post_as(IssuedToken, f"/users/{_path(name)}/tokens",
                                     {"name": token_name, "expires_in_days": expires_in})
     _emit(output, issued, lambda: _print_token(issued))
@@ -189,6 +197,8 @@ def token(name: str, token_name: str | None, expires_in: int | None, output: str
 def revoke(target: str, output: str) -> None:
     """Revoke every live token of user NAME, or (NAME/TOKEN) only the token named TOKEN,
     e.g. `orch users revoke alice/laptop`."""
+    from orchestrator.api import RevokeResponse
+
     name, slash, token_name = target.partition("/")
     if not name or (slash and (not token_name or "/" in token_name)):
         raise InvalidRequest(f"{target!r}: give NAME (all of the user's tokens) or NAME/TOKEN "
@@ -206,6 +216,8 @@ def revoke(target: str, output: str) -> None:
 @_friendly
 def disable(name: str, output: str) -> None:
     """Disable user NAME: their tokens stop working (and are revoked); their jobs stay."""
+    from orchestrator.api import UserView
+
     view = _team_client().post_as(UserView, f"/users/{_path(name)}/disable")
     _emit(output, view, lambda: click.echo(f"disabled user {view.name}"))
 
@@ -217,9 +229,14 @@ def disable(name: str, output: str) -> None:
 @_friendly
 def audit(target: str | None, limit: int, output: str) -> None:
     """Who changed which user or token, newest first."""
+    from orchestrator.api import AuditView
+
     events = _team_client().get_as(list[AuditView], "/audit", target=target, limit=limit)
 
     def lines() -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
         table = Table("at", "by", "action", "user", "details")
         for e in events:
             details = ", ".join(f"{k}={v}" for k, v in sorted(e.details.items()) if v)

@@ -5,8 +5,11 @@ Runs on SQLite and on PostgreSQL. The control plane is the real `orch server` pr
 CLIs auto-start (they race for it; exactly one must result), with the no-op executor
 (`ORCH_EXECUTOR=noop`), so no Ray is needed and jobs succeed as soon as they are admitted.
 
-Cost: about 85 CPU-seconds per database, nearly all of it the 200 CLI interpreters
-starting up (about 0.4 s each), so about 45 s per database on 2 idle cores.
+Cost: nearly all of it the 200 CLI interpreters starting up. Measured for SQLite on 2 cores
+shared with other test runs (load average over 100): clients 180 CPU-s (0.9 s each), server
+21 s, 387 s wall; the same run of the CLI before it imported lazily: clients 235 CPU-s
+(1.2 s each), 463 s wall. CPU per process grows with the load: one `orch submit -q` alone
+cost about 0.7 CPU-s at a load average near 10 (1.0 before).
 """
 
 from __future__ import annotations
