@@ -26,7 +26,10 @@ lint: setup
 # Two test processes (pytest-xdist): one runs every test of the session's Ray cluster
 # (tests/conftest.py groups them), the other the rest meanwhile.
 TEST_PROCESSES ?= 2
+# compileall: bytecode for orch's own modules. The tests start hundreds of CLI processes,
+# and where PYTHONDONTWRITEBYTECODE is set each would compile them from source again.
 test: setup
+	$(BIN)/python -m compileall -q orchestrator workers
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 \
 	  -n $(TEST_PROCESSES) --dist loadgroup; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -224,7 +224,11 @@ def http() -> httpx.Client:
         # unchecked.
         verify: bool | ssl.SSLContext = (True if _may_use_tls()
                                          else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
-        _HTTP = _httpx().Client(timeout=120, verify=verify)
+        httpx = _httpx()
+        # An idle connection is dropped before the server drops it (uvicorn: after 5 s), so
+        # a request never goes out on a connection the server is closing.
+        _HTTP = httpx.Client(timeout=120, verify=verify,
+                             limits=httpx.Limits(keepalive_expiry=4))
     return _HTTP
 
 
@@ -267,10 +271,19 @@ class Client:
         headers = {}
         if token := self._token(base):
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            response = http().request(method, f"{base}{path}", headers=headers, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServerUnreachable(f"cannot reach the orch server at {base} ({exc})") from None
+        for attempt in (1, 2):
+            try:
+                response = http().request(method, f"{base}{path}", headers=headers, **kwargs)
+                break
+            except httpx.HTTPError as exc:
+                # A read is tried once more after a broken connection (a reset under load):
+                # `--wait` and `logs --follow` poll for hours and must not end on one. A
+                # POST is not: the server may have acted on it.
+                if (attempt == 1 and method == "GET" and isinstance(exc, httpx.TransportError)
+                        and not isinstance(exc, httpx.TimeoutException)):
+                    time.sleep(0.5)
+                    continue
+                raise ServerUnreachable(f"cannot reach the orch server at {base} ({exc})") from None
         if response.status_code >= 400:
             try:
                 body = response.json()
