@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import String, bindparam, cast, func, literal, select, update
+from sqlalchemy import Integer, String, bindparam, cast, func, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlmodel import col
@@ -81,15 +81,17 @@ _QUEUE_COLUMNS = (col(Job.id), col(Job.owner), col(Job.priority), col(Job.gpus),
 def _queue_level(priority: Any, *where: Any) -> Any:
     """Queued jobs of one priority level, oldest first, at most :n of them."""
     return (select(*_QUEUE_COLUMNS).where(_QUEUED, col(Job.priority) == priority, *where)
-            .order_by(col(Job.id)).limit(bindparam("n")))
+            .order_by(col(Job.id)).limit(bindparam("n", type_=Integer)))
 
 
 # Built once (building a statement costs more than running one of these). The max() of a
 # prefix of ix_jobs_queue is one index seek on both databases.
 _QUEUE_TOP = _queue_level(select(func.max(col(Job.priority))).where(_QUEUED).scalar_subquery())
-_QUEUE_LEVEL = _queue_level(bindparam("p"), col(Job.id) > bindparam("after"))
+_QUEUE_LEVEL = _queue_level(bindparam("p", type_=Integer),
+                            col(Job.id) > bindparam("after", type_=Integer))
 _QUEUE_BELOW = _queue_level(select(func.max(col(Job.priority)))
-                            .where(_QUEUED, col(Job.priority) < bindparam("p")).scalar_subquery())
+                            .where(_QUEUED, col(Job.priority) < bindparam("p", type_=Integer))
+                            .scalar_subquery())
 
 
 _USAGE = (select(col(Job.owner), func.sum(col(Job.gpus)), func.sum(col(Job.cpus)))
