@@ -105,7 +105,11 @@ _EVENTS = JobEvent.metadata.tables[JobEvent.__tablename__]
 _ATTEMPTS = Attempt.metadata.tables[Attempt.__tablename__]
 _CLAIM = (
     update(_JOBS)
-    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.state == JobState.QUEUED)
+    # The state test wrapped so no index can serve it: a bare `state = 'queued'` lets
+    # SQLite (no statistics) pick ix_jobs_queue and scan every queued job, instead of
+    # looking up the few ids by primary key. Same meaning: state is never NULL.
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)),
+           func.coalesce(_JOBS.c.state, "") == JobState.QUEUED)
     .values(state=JobState.PENDING, attempts=_JOBS.c.attempts + 1, updated_at=bindparam("now"))
     # How many workers the (validated, defaults filled in) spec asks for, read in the
     # database: decoding every claimed job's whole spec would cost more than the claim.
