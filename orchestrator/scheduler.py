@@ -47,6 +47,7 @@ class Usage:
 
 # The queue is read in pages of this many jobs, until the head no longer fits.
 QUEUE_PAGE = 500
+FIRST_PAGE = 20
 
 
 class Scheduler:
@@ -71,17 +72,21 @@ class Scheduler:
         return self.store.list_jobs(states=ACTIVE_STATES)
 
     def free(self) -> Usage:
-        by_owner = self.store.usage().values()
-        return Usage(self.capacity.gpus - sum(g for g, _ in by_owner),
-                     self.capacity.cpus - sum(c for _, c in by_owner))
+        return self._free(self.store.usage())
 
-    def queue(self) -> Iterator[QueuedJob]:
+    def _free(self, usage: dict[str, tuple[int, int]]) -> Usage:
+        return Usage(self.capacity.gpus - sum(g for g, _ in usage.values()),
+                     self.capacity.cpus - sum(c for _, c in usage.values()))
+
+    def queue(self, first: list[QueuedJob] | None = None) -> Iterator[QueuedJob]:
         """The queue in admission order, read a page at a time (the first small: most ticks
-        stop at the head)."""
+        stop at the head). `first`: its first page, already read."""
         after: tuple[int, int] | None = None
-        size = min(20, QUEUE_PAGE)
+        size = min(FIRST_PAGE, QUEUE_PAGE)  # as admission_view read `first`
         while True:
-            page = self.store.queue_page(limit=size, after=after)
+            page = first if first is not None else self.store.queue_page(limit=size,
+                                                                         after=after)
+            first = None
             yield from page
             if len(page) < size:
                 return
@@ -134,8 +139,9 @@ class Scheduler:
                 "shared-filesystem path mounted at the same place on every node, or to an "
                 "object-store URL such as s3://bucket/prefix")
 
-    def _owner_gpus(self) -> Counter[str]:
-        return Counter({owner: gpus for owner, (gpus, _) in self.store.usage().items()})
+    @staticmethod
+    def _owner_gpus(usage: dict[str, tuple[int, int]]) -> Counter[str]:
+        return Counter({owner: gpus for owner, (gpus, _) in usage.items()})
 
     def _caps(self) -> dict[str, int]:
         """owner -> their own GPU cap, for owners who have one (one query per tick)."""
@@ -156,8 +162,8 @@ class Scheduler:
     def wait_reasons(self, jobs: Sequence[Job]) -> dict[int, str]:
         """`wait_reason` of several queued jobs (a page of the dashboard) with one walk of the
         queue, however many jobs are asked about."""
-        held, caps = self._owner_gpus(), self._caps()
-        free = self.free()
+        usage, caps = self.store.usage(), self._caps()
+        held, free = self._owner_gpus(usage), self._free(usage)
         reasons: dict[int, str] = {}
         walk: set[int] = set()
         for job in jobs:
@@ -210,10 +216,11 @@ class Scheduler:
     def _admit(self) -> None:
         """Claim every job that fits this tick in one transaction (compare-and-set: a job
         someone cancelled meanwhile is left out), then hand each to Ray."""
-        free = self.free()
-        held, caps = self._owner_gpus(), self._caps()
+        # Capacity, caps and the head of the queue in one read transaction.
+        usage, caps, head = self.store.admission_view(min(FIRST_PAGE, QUEUE_PAGE))
+        free, held = self._free(usage), self._owner_gpus(usage)
         chosen: list[QueuedJob] = []
-        for job in self.queue():
+        for job in self.queue(head):
             if self._capped(job, held, caps):
                 continue  # waits for its owner's own jobs; does not hold up anyone else
             if job.gpus > free.gpus or job.cpus > free.cpus:

@@ -13,12 +13,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Integer, String, bindparam, cast, func, literal, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from orchestrator.errors import InvalidRequest, InvalidTransition, NotFound
-from orchestrator.models import Attempt, AttemptOutcome, Job, JobEvent, utcnow
+from orchestrator.models import Attempt, AttemptOutcome, Job, JobEvent, UserAccount, utcnow
 from orchestrator.settings import get_settings
 from orchestrator.states import ACTIVE_STATES, JobState, can_transition
 from orchestrator.store.base import StoreBase, check_aware, check_json
@@ -73,9 +74,77 @@ class Supersede:
     restated: Sequence[str] = ()
 
 
-def _workers(spec: dict[str, Any]) -> int:
-    """How many workers a stored (validated, defaults filled in) spec asks for."""
-    return int((spec.get("resources") or {}).get("workers") or 1)
+_QUEUED = col(Job.state) == JobState.QUEUED
+_QUEUE_COLUMNS = (col(Job.id), col(Job.owner), col(Job.priority), col(Job.gpus), col(Job.cpus))
+
+
+def _queue_level(priority: Any, *where: Any) -> Any:
+    """Queued jobs of one priority level, oldest first, at most :n of them."""
+    return (select(*_QUEUE_COLUMNS).where(_QUEUED, col(Job.priority) == priority, *where)
+            .order_by(col(Job.id)).limit(bindparam("n", type_=Integer)))
+
+
+# Built once (building a statement costs more than running one of these). The max() of a
+# prefix of ix_jobs_queue is one index seek on both databases.
+_QUEUE_TOP = _queue_level(select(func.max(col(Job.priority))).where(_QUEUED).scalar_subquery())
+_QUEUE_LEVEL = _queue_level(bindparam("p", type_=Integer),
+                            col(Job.id) > bindparam("after", type_=Integer))
+_QUEUE_BELOW = _queue_level(select(func.max(col(Job.priority)))
+                            .where(_QUEUED, col(Job.priority) < bindparam("p", type_=Integer))
+                            .scalar_subquery())
+
+
+_USAGE = (select(col(Job.owner), func.sum(col(Job.gpus)), func.sum(col(Job.cpus)))
+          .where(col(Job.state).in_(list(ACTIVE_STATES))).group_by(col(Job.owner)))
+_GPU_CAPS = select(col(UserAccount.name), col(UserAccount.gpu_cap)).where(
+    col(UserAccount.gpu_cap).is_not(None))
+# Admission (claim_jobs), built once. Core, not ORM: the ORM's bulk paths cost more per
+# row than the database does here.
+_JOBS = Job.metadata.tables[Job.__tablename__]
+_EVENTS = JobEvent.metadata.tables[JobEvent.__tablename__]
+_ATTEMPTS = Attempt.metadata.tables[Attempt.__tablename__]
+_CLAIM = (
+    update(_JOBS)
+    # The state test wrapped so no index can serve it: a bare `state = 'queued'` lets
+    # SQLite (no statistics) pick ix_jobs_queue and scan every queued job, instead of
+    # looking up the few ids by primary key. Same meaning: state is never NULL.
+    .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)),
+           func.coalesce(_JOBS.c.state, "") == JobState.QUEUED)
+    .values(state=JobState.PENDING, attempts=_JOBS.c.attempts + 1, updated_at=bindparam("now"))
+    # How many workers the (validated, defaults filled in) spec asks for, read in the
+    # database: decoding every claimed job's whole spec would cost more than the claim.
+    .returning(_JOBS.c.id, _JOBS.c.attempts, _JOBS.c.gpus, _JOBS.c.cpus,
+               _JOBS.c.spec[("resources", "workers")].as_integer(),
+               _JOBS.c.ray_submission_id))
+# submission_id(id, attempts), in SQL.
+_NAME_SUBMISSIONS = (
+    update(_JOBS).where(_JOBS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(ray_submission_id=literal("orch-") + cast(_JOBS.c.id, String) + literal("-")
+            + cast(_JOBS.c.attempts, String)))
+
+
+def _usage_in(conn: Connection) -> dict[str, tuple[int, int]]:
+    return {owner: (int(g or 0), int(c or 0)) for owner, g, c in conn.execute(_USAGE)}
+
+
+def _queue_page_in(conn: Connection, limit: int,
+                   after: tuple[int, int] | None) -> list[QueuedJob]:
+    found: list[Any] = []
+    if after is not None:
+        found += conn.execute(_QUEUE_LEVEL, {"p": after[0], "after": after[1], "n": limit}).all()
+    while len(found) < limit:
+        # The levels read so far are exhausted: go on with the next lower one.
+        if found or after is not None:
+            below = found[-1][2] if found else after[0]  # type: ignore[index]
+            rows = conn.execute(_QUEUE_BELOW, {"p": below, "n": limit - len(found)}).all()
+        else:
+            rows = conn.execute(_QUEUE_TOP, {"n": limit}).all()
+        if not rows:
+            break
+        found += rows
+    return [QueuedJob(id=int(job_id), owner=owner, priority=int(priority), gpus=int(gpus),
+                      cpus=int(cpus))
+            for job_id, owner, priority, gpus, cpus in found]
 
 
 class JobsStore(StoreBase):
@@ -170,27 +239,30 @@ class JobsStore(StoreBase):
 
     def queue_page(self, limit: int, after: tuple[int, int] | None = None) -> list[QueuedJob]:
         """A page of the queue in scheduling order, without the specs: `limit` jobs after
-        the (priority, id) position `after` (an index range scan on ix_jobs_queue, so a page
-        costs the same however long the queue is)."""
-        query = select(col(Job.id), col(Job.owner), col(Job.priority), col(Job.gpus),
-                       col(Job.cpus)).where(
-            col(Job.state) == JobState.QUEUED)
-        if after is not None:
-            priority, job_id = after
-            query = query.where((col(Job.priority) < priority)
-                                | ((col(Job.priority) == priority) & (col(Job.id) > job_id)))
-        query = query.order_by(col(Job.priority).desc(), col(Job.id).asc()).limit(limit)
+        the (priority, id) position `after`.
+
+        Read one priority level at a time (`_QUEUE_*`): within a level, id order is the
+        order of ix_jobs_queue (state, priority, id), so a page is an index range scan that
+        stops after `limit` rows, however long the queue. One query over all levels
+        (ORDER BY priority DESC, id ASC) mixes directions, which the index cannot serve:
+        both databases would then read and sort every queued job for every page."""
         with self._read() as session:
-            return [QueuedJob(id=int(job_id or 0), owner=owner, priority=priority, gpus=gpus,
-                              cpus=cpus)
-                    for job_id, owner, priority, gpus, cpus in session.execute(query)]
+            return _queue_page_in(session.connection(), limit, after)
 
     def usage(self) -> dict[str, tuple[int, int]]:
         """owner -> (GPUs, CPUs) their pending and running jobs hold: one aggregate query."""
-        query = (select(col(Job.owner), func.sum(col(Job.gpus)), func.sum(col(Job.cpus)))
-                 .where(col(Job.state).in_(list(ACTIVE_STATES))).group_by(col(Job.owner)))
         with self._read() as session:
-            return {owner: (int(g or 0), int(c or 0)) for owner, g, c in session.execute(query)}
+            return _usage_in(session.connection())
+
+    def admission_view(self, limit: int) -> tuple[dict[str, tuple[int, int]], dict[str, int],
+                                                  list[QueuedJob]]:
+        """What a scheduler tick reads before it claims, in one read transaction (one
+        round trip each, not one transaction each): `usage()`, `gpu_caps()` and the first
+        `queue_page(limit)`."""
+        with self._read() as session:
+            conn = session.connection()
+            caps = {name: int(cap) for name, cap in conn.execute(_GPU_CAPS) if cap is not None}
+            return _usage_in(conn), caps, _queue_page_in(conn, limit, None)
 
     def update_job(self, job_id: int, **fields: Any) -> None:
         """Set non-state bookkeeping fields (e.g. ray_submission_id, error)."""
@@ -314,38 +386,30 @@ class JobsStore(StoreBase):
             return []
         now = utcnow()
         with self._writing() as session:
-            previous: dict[int, str | None] = {
-                int(jid or 0): sid for jid, sid in session.execute(
-                    select(col(Job.id), col(Job.ray_submission_id))
-                    .where(col(Job.id).in_(job_ids))).all()}
-            rows = session.execute(
-                update(Job)
-                .where(col(Job.id).in_(job_ids), col(Job.state) == JobState.QUEUED)
-                .values(state=JobState.PENDING, attempts=col(Job.attempts) + 1, updated_at=now)
-                .returning(col(Job.id), col(Job.attempts), col(Job.gpus), col(Job.cpus),
-                           col(Job.spec))
-                .execution_options(synchronize_session=False)).all()
+            conn = session.connection()
+            # The compare-and-set for all of them at once. RETURNING reads the row after the
+            # UPDATE, and this one leaves ray_submission_id alone: it still names the
+            # previous attempt (what a retry must stop first).
+            rows = conn.execute(_CLAIM, {"ids": list(job_ids), "now": now}).all()
             by_id = {row[0]: row for row in rows}
             claimed = [
                 Claimed(job_id=jid, attempt=attempt, submission_id=submission_id(jid, attempt),
-                        gpus=gpus, cpus=cpus, workers=_workers(spec),
-                        token=new_token(WORKER_PREFIX), previous_submission_id=previous.get(jid))
-                for jid, attempt, gpus, cpus, spec in (by_id[j] for j in job_ids if j in by_id)
+                        gpus=gpus, cpus=cpus, workers=int(workers or 1),
+                        token=new_token(WORKER_PREFIX), previous_submission_id=previous)
+                for jid, attempt, gpus, cpus, workers, previous
+                in (by_id[j] for j in job_ids if j in by_id)
             ]
             if not claimed:
                 return []
-            jobs = Job.metadata.tables[Job.__tablename__]  # Core, not ORM: one executemany UPDATE
-            session.execute(
-                update(jobs).where(jobs.c.id == bindparam("jid"))
-                .values(ray_submission_id=bindparam("sid")),
-                [{"jid": c.job_id, "sid": c.submission_id} for c in claimed])
-            session.execute(insert(JobEvent), [
+            # One statement, however many jobs (not one UPDATE per job).
+            conn.execute(_NAME_SUBMISSIONS, {"ids": [c.job_id for c in claimed]})
+            conn.execute(_EVENTS.insert(), [
                 {"job_id": c.job_id, "from_state": JobState.QUEUED, "to_state": JobState.PENDING,
                  "reason": (f"admitted: {c.gpus} GPU(s), {c.cpus} CPU(s); Ray job "
                             f"{c.submission_id}"),
                  "at": now, "details": {"attempt": c.attempt, "submission_id": c.submission_id}}
                 for c in claimed])
-            session.execute(insert(Attempt), [
+            conn.execute(_ATTEMPTS.insert(), [
                 {"job_id": c.job_id, "attempt": c.attempt, "ray_submission_id": c.submission_id,
                  "started_at": now, "outcome": AttemptOutcome.RUNNING,
                  "token_hash": token_hash(c.token)}

@@ -364,3 +364,38 @@ def test_wait_reasons_of_a_page_match_each_jobs_own(store: Store, fake: FakeExec
     assert one_by_one[queued[1]].startswith("waiting for ann's other jobs")  # capped: not ahead
     assert one_by_one[queued[3]] == "waiting for 1 GPU: 0 free, 2 jobs ahead"
     assert sched.wait_reasons([]) == {}
+
+
+def test_a_ticks_statements_do_not_grow_with_the_queue(store: Store, fake: FakeExecutor) -> None:
+    """Room for 3 of a queue of 10, then of 500: no more statements, one claim of 3. (The
+    short queue may take one more: its first page runs past the end of the queue.)"""
+    from sqlalchemy import event
+
+    sched = Scheduler(store, fake, Capacity(gpus=0, cpus=3, nodes=1))
+
+    def one_tick() -> list[str]:
+        seen: list[str] = []
+
+        def record(conn: object, cursor: object, statement: str, *rest: object) -> None:
+            seen.append(statement)
+
+        for job in store.list_jobs(states=[JobState.PENDING]):  # room again
+            assert job.id is not None
+            sched.cancel(job.id, "test: free the room")
+        claims_before = len(fake.launches)
+        event.listen(store.engine, "before_cursor_execute", record)
+        try:
+            sched.tick()
+        finally:
+            event.remove(store.engine, "before_cursor_execute", record)
+        assert len(fake.launches) - claims_before == 3
+        return seen
+
+    for i in range(10):
+        add_job(store, gpus=0, cpus=1, priority=i % 3, owner=f"u{i % 2}")
+    shallow = one_tick()
+    for i in range(490):
+        add_job(store, gpus=0, cpus=1, priority=i % 3, owner=f"u{i % 2}")
+    deep = one_tick()
+    assert len(deep) <= len(shallow) and set(deep) <= set(shallow)
+    assert sum(s.lstrip().upper().startswith("UPDATE") for s in deep) == 2  # claim + names
