@@ -41,31 +41,32 @@ def test_a_write_is_not_sent_twice(calls: list[str]) -> None:
     assert calls == ["POST"]
 
 
-def test_a_read_that_keeps_failing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    tries: list[int] = []
+def failing(monkeypatch: pytest.MonkeyPatch, error: type[httpx.TransportError]) -> list[str]:
+    """The process's HTTP client replaced by one whose every request fails with `error`;
+    the requests it saw."""
+    seen: list[str] = []
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        tries.append(1)
-        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        raise error("no answer", request=request)
 
-    monkeypatch.setattr(client, "_HTTP", httpx.Client(transport=httpx.MockTransport(refuse)))
+    monkeypatch.setattr(client, "_HTTP", httpx.Client(transport=httpx.MockTransport(handler)))
     monkeypatch.setattr(client.time, "sleep", lambda seconds: None)
-    with pytest.raises(ServerUnreachable, match="Connection refused"):
+    return seen
+
+
+def test_a_read_that_keeps_failing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = failing(monkeypatch, httpx.ConnectError)
+    with pytest.raises(ServerUnreachable, match="cannot reach the orch server.*no answer"):
         client.Client(URL, "t").get("/jobs")
-    assert len(tries) == 2
+    assert seen == ["GET", "GET"]
 
 
 def test_a_timeout_is_not_waited_out_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    tries: list[int] = []
-
-    def slow(request: httpx.Request) -> httpx.Response:
-        tries.append(1)
-        raise httpx.ReadTimeout("timed out", request=request)
-
-    monkeypatch.setattr(client, "_HTTP", httpx.Client(transport=httpx.MockTransport(slow)))
+    seen = failing(monkeypatch, httpx.ReadTimeout)
     with pytest.raises(ServerUnreachable):
         client.Client(URL, "t").get("/jobs")
-    assert len(tries) == 1
+    assert seen == ["GET"]
 
 
 def test_idle_connections_are_dropped_before_the_server_drops_them(monkeypatch: pytest.MonkeyPatch) -> None:
