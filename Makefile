@@ -31,5 +31,5 @@ TEST_PROCESSES ?= 2
 test: setup
 	$(BIN)/python -m compileall -q orchestrator workers
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 \
-	  -n $(TEST_PROCESSES) --dist loadgroup; \
+	  -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc

@@ -15,17 +15,23 @@ import pytest
 from tests.support import FAKE_CPUS, FAKE_GPUS, SESSION_CLUSTER_PORTS, object_store, offset_ports, run_orch
 
 
-# tryfirst: pytest-xdist reads the groups in its own hook of the same name, which must
-# see them.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# A wrapper: the groups are set before any other plugin's hook of this name runs
+# (pytest-xdist reads them in its own), and the order after all of them (pytest-randomly
+# shuffles).
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> Iterator[None]:
     """`make test` runs the tests in two processes (pytest-xdist, `--dist loadgroup`). The
     tests that need the session's Ray cluster all run in one of them, so a run starts one
     cluster; every other module's tests run together in one process (a module's servers,
-    ports and module-scoped fixtures are its own), in either process meanwhile."""
+    ports and module-scoped fixtures are its own), in either process meanwhile. The Ray
+    tests, the longest share, come first (with `--no-loadscope-reorder`, xdist hands the
+    groups out in this order), so the other process does the rest alongside them."""
     for item in items:
         group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    items.sort(key=lambda item: item.get_closest_marker("ray") is None)  # stable
+    return result
 
 
 @pytest.hookimpl(trylast=True)
