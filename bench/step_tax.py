@@ -13,8 +13,9 @@ model loading, not Ray start-up), from which steps/s = max_steps / train_runtime
     python bench/step_tax.py                     # t5_summarize, 1200 steps, 1 round
     python bench/step_tax.py --rounds 2 --set training.max_steps=1500
 
-Rounds interleave the three, so drift on a shared machine hits all alike; medians are
-reported. The last line is `step_tax: X` (orch steps/s / plain steps/s; 1.0 = no tax).
+Rounds interleave the three, each round starting with the next of them (plain, actor,
+orch; then actor, orch, plain; ...), so drift on a shared machine hits all alike; medians
+are reported. The last line is `step_tax: X` (orch steps/s / plain steps/s; 1.0 = no tax).
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def main() -> None:
         if {"actor", "orch"} & set(modes):
             subprocess.run([*orch, "up"], cwd=REPO, capture_output=True, check=True)
             time.sleep(args.settle)
-        for _ in range(args.rounds):
-            for mode in modes:
+        for round_ in range(args.rounds):
+            # Each round starts with the next way: drift within a round (a shared host
+            # slowing down, say) would otherwise always fall on the way that runs last.
+            for mode in modes[round_ % len(modes):] + modes[:round_ % len(modes)]:
                 run = {"plain": run_plain, "actor": run_actor, "orch": run_orch}[mode]
                 result = run(args.spec, overrides)
                 runs[mode].append(result)

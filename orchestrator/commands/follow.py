@@ -5,6 +5,10 @@ server every few seconds (the first one redrew ten times a second and polled eve
 4.5% of a CPU to watch a job). When stdout or stderr is not a terminal (a file, a pipe, CI's
 log) a live bar prints nothing until the end, so instead a plain line goes to stderr every
 `ORCH_PROGRESS_INTERVAL` seconds (30): job, state, step/total, loss, elapsed, ETA.
+
+Each poll names the state last seen and may wait (`GET /jobs/{id}?changed_from=&wait=`): the
+server answers as soon as the state changes, so the end of a job is seen at once rather
+than up to a poll interval later, and the number of requests stays one per interval.
 """
 
 from __future__ import annotations
@@ -61,15 +65,32 @@ class Ticker:
         self.interval = interval if interval is not None else get_settings().progress_interval
         self.clean: Callable[[object], str] = plain
         self._last_at = -1e18
-        self._last_state: str | None = None
+        self._last_state: str | None = None  # as last printed
+        self._seen_state: str | None = None  # as last polled
 
-    def tick(self, status: JobDetail | None = None) -> JobDetail:
-        status = status or self.client.get_as(JobDetail, f"/jobs/{self.job_id}")
+    def tick(self, status: JobDetail | None = None, wait: float = 0) -> JobDetail:
+        """Print the job's line if it is due; `wait`: let the server answer only once the
+        state differs from the last one seen, or after that many seconds."""
+        status = status or poll(self.client, self.job_id, self._seen_state, wait)
+        self._seen_state = status.state.value
         now = time.monotonic()
         if now - self._last_at >= self.interval or status.state.value != self._last_state:
             click.echo(self.clean(status_line(status)), err=True)
             self._last_at, self._last_state = now, status.state.value
         return status
+
+
+def poll(client: Client, job_id: int, seen_state: str | None, wait: float) -> JobDetail:
+    """The job's status, the server waiting up to `wait` seconds for its state to differ
+    from `seen_state`. Never returns sooner than `wait` with the state unchanged, so a
+    server that does not wait (an older one) is still polled only once per `wait`."""
+    if seen_state is None or wait <= 0:
+        return client.get_as(JobDetail, f"/jobs/{job_id}")
+    started = time.monotonic()
+    status = client.get_as(JobDetail, f"/jobs/{job_id}", changed_from=seen_state, wait=wait)
+    if status.state.value == seen_state:
+        time.sleep(max(0.0, wait - (time.monotonic() - started)))
+    return status
 
 
 def follow(client: Client, job_id: int, err: Console) -> JobDetail:
@@ -80,16 +101,17 @@ def follow(client: Client, job_id: int, err: Console) -> JobDetail:
         ticker = Ticker(client, job_id)
         pause = min(POLL_SECONDS * 2, ticker.interval)
         while True:
-            status = ticker.tick()
+            status = ticker.tick(wait=pause)
             if status.state.is_terminal:
                 return status
-            time.sleep(pause)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False, refresh_per_second=2) as progress:
         task = progress.add_task(f"job {job_id}", total=None, info="")
+        seen: str | None = None
         while True:
-            status = client.get_as(JobDetail, f"/jobs/{job_id}")
+            status = poll(client, job_id, seen, POLL_SECONDS)
+            seen = status.state.value
             info = status.state.value
             if status.waiting_reason:
                 info += f": {status.waiting_reason}"
@@ -101,4 +123,3 @@ def follow(client: Client, job_id: int, err: Console) -> JobDetail:
                             info=_text(info))
             if status.state.is_terminal:
                 return status
-            time.sleep(POLL_SECONDS)

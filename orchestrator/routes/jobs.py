@@ -7,13 +7,16 @@ cancel and resume are for the job's owner or an admin.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 
 from orchestrator import cluster
 from orchestrator.api import (
@@ -162,9 +165,32 @@ def list_jobs(request: Request, state: str | None = None, owner: str | None = No
     return [JobSummary.of(j, progress[int(j.id or 0)]) for j in jobs]
 
 
+# `--wait` asks for a job's status with the state it last saw and how long it may wait:
+# the answer comes as soon as the state differs (a reread every WAIT_RECHECK_S), or after
+# `wait` seconds. So the CLI hears of the end within a fraction of a second, for one request
+# per poll interval. The wait is asynchronous: a waiting client holds no server thread.
+MAX_WAIT_S = 30.0
+WAIT_RECHECK_S = 0.2
+
+
 @router.get("/jobs/{job_id}", response_model=JobDetail)
-def status(job_id: JobId, request: Request) -> JobDetail:
+async def status(
+    job_id: JobId, request: Request,
+    changed_from: Annotated[JobState | None, Query(
+        description="answer once the job's state is no longer this one (or after `wait`)")] = None,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, allow_inf_nan=False,
+                                 description="seconds to wait for `changed_from` to change")] = 0,
+) -> JobDetail:
     plane = plane_of(request)
+    if changed_from is not None and wait > 0:
+        deadline = time.monotonic() + wait
+        while (await run_in_threadpool(plane.store.job_state, job_id) == changed_from
+               and (left := deadline - time.monotonic()) > 0):
+            await asyncio.sleep(min(WAIT_RECHECK_S, left))
+    return await run_in_threadpool(job_detail, plane, job_id)
+
+
+def job_detail(plane: ControlPlane, job_id: int) -> JobDetail:
     job = plane.store.require_job(job_id)
     latest = plane.store.latest_metrics(job_id)
     progress = progress_of_jobs(plane.store, plane.scheduler, [job], utcnow(),

@@ -202,6 +202,12 @@ class JobsStore(StoreBase):
         with self._read() as session:
             return session.get(Job, job_id)
 
+    def job_state(self, job_id: int) -> JobState | None:
+        """Only the job's state (None: no such job): what a waiting status request rereads."""
+        with self._read() as session:
+            state = session.execute(select(col(Job.state)).where(col(Job.id) == job_id)).scalar()
+            return None if state is None else JobState(state)
+
     def require_job(self, job_id: int) -> Job:
         """The job, or NotFound."""
         job = self.get_job(job_id)

@@ -303,6 +303,34 @@ def test_a_ticker_prints_once_per_interval(api: TestClient, store: Store) -> Non
     assert len(streams[1].getvalue().decode().splitlines()) == 1
 
 
+def test_a_poll_waits_on_the_server_and_never_spins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`poll` names the state it saw and lets the server wait; a server that answers at
+    once anyway (an older one) is still asked only once per wait."""
+    from types import SimpleNamespace
+
+    from orchestrator.commands import follow
+
+    slept: list[float] = []
+    monkeypatch.setattr(follow.time, "sleep", slept.append)
+
+    class AnswersAtOnce:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, object]] = []
+
+        def get_as(self, kind: object, path: str, **params: object) -> SimpleNamespace:
+            self.calls.append({"path": path, **params})
+            return SimpleNamespace(state=JobState.RUNNING)
+
+    client = AnswersAtOnce()
+    follow.poll(client, 7, None, 4.0)  # type: ignore[arg-type]  # nothing seen yet: no wait
+    follow.poll(client, 7, "running", 4.0)  # type: ignore[arg-type]
+    assert client.calls == [{"path": "/jobs/7"},
+                            {"path": "/jobs/7", "changed_from": "running", "wait": 4.0}]
+    assert len(slept) == 1 and 3.5 < slept[0] <= 4.0
+    follow.poll(client, 7, "pending", 4.0)  # type: ignore[arg-type]  # changed: no sleep
+    assert len(slept) == 1
+
+
 # -- orch plot -------------------------------------------------------------------------------
 def _curve_job(api: TestClient, store: Store, losses: dict[int, float], **fields: object) -> int:
     job_id = _running_job(api, store)

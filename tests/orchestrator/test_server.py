@@ -106,3 +106,53 @@ def test_metrics_and_checkpoints_views(api: tuple[TestClient, Store]) -> None:
     assert ckpts[0]["path"] == "/x/checkpoint-10" and ckpts[0]["is_latest"]
     listed = client.get("/jobs", params={"state": "queued,pending"}).json()
     assert [j["id"] for j in listed] == [job_id]
+
+
+def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, Store]) -> None:
+    """`--wait`'s poll: the answer comes once the state is no longer the one named, not at
+    the end of the wait; with nothing changing, after the wait."""
+    import threading
+
+    client, store = api
+    job_id = client.post("/jobs", json={"spec": spec_dict()}).json()["id"]
+    deadline = time.monotonic() + 5
+    while client.get(f"/jobs/{job_id}").json()["state"] != "pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    start = time.monotonic()
+    unchanged = client.get(f"/jobs/{job_id}", params={"changed_from": "pending", "wait": 0.5})
+    assert unchanged.status_code == 200 and unchanged.json()["state"] == "pending"
+    assert time.monotonic() - start >= 0.5
+
+    # Without `changed_from`, `wait` alone does not wait.
+    start = time.monotonic()
+    assert client.get(f"/jobs/{job_id}", params={"wait": 20}).status_code == 200
+    assert time.monotonic() - start < 5
+
+    timer = threading.Timer(0.5, lambda: store.transition(job_id, "running", "started",
+                                                          expected=["pending"]))
+    timer.start()
+    start = time.monotonic()
+    changed = client.get(f"/jobs/{job_id}", params={"changed_from": "pending", "wait": 20})
+    took = time.monotonic() - start
+    timer.join()
+    assert changed.json()["state"] == "running" and changed.json()["events"][-1]["to"] == "running"
+    assert 0.4 <= took < 5, took
+
+    # A state other than the one named is answered at once.
+    start = time.monotonic()
+    assert client.get(f"/jobs/{job_id}", params={"changed_from": "queued", "wait": 20}
+                      ).json()["state"] == "running"
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("params", [{"wait": 31}, {"wait": -1}, {"wait": "nan"}, {"wait": "inf"},
+                                    {"changed_from": "sleeping", "wait": 1}])
+def test_a_bad_wait_is_422_and_an_unknown_job_404(api: tuple[TestClient, Store],
+                                                  params: dict[str, object]) -> None:
+    client, _ = api
+    job_id = client.post("/jobs", json={"spec": spec_dict()}).json()["id"]
+    answer = client.get(f"/jobs/{job_id}", params={"changed_from": "queued", **params})
+    assert answer.status_code == 422, answer.text
+    assert client.get("/jobs/4242", params={"changed_from": "queued", "wait": 1}).status_code == 404
