@@ -112,8 +112,8 @@ class Settings(BaseModel):
         description="`ray`, or `noop` to measure the control plane alone (jobs succeed at "
                     "once)")
     scheduler_interval: float = Field(0.5, gt=0, le=60, json_schema_extra=_used_by("server"),
-                                      description="seconds between scheduler ticks (submit "
-                                                  "and cancel also wake it)")
+                                      description="seconds between scheduler ticks (submit, "
+                                                  "cancel and a job's end also wake it)")
     reconcile_interval: float = Field(2.0, ge=0, le=300, json_schema_extra=_used_by("server"),
                                       description="seconds between asking Ray about each "
                                                   "running job (a lost worker is noticed "

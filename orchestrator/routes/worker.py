@@ -124,7 +124,8 @@ def cause(body: WorkerEvent, worker: CurrentWorker, request: Request) -> None:
 def finished(body: WorkerFinished, worker: CurrentWorker, request: Request) -> WorkerStartedResponse:
     """The attempt ended: succeeded (with its final model), or failed for an error in the
     job itself, which is never retried."""
-    store = plane_of(request).store
+    plane = plane_of(request)
+    store = plane.store
     if body.outcome == "succeeded":
         if body.final is None:
             raise InvalidRequest("finished: a succeeded attempt reports its final model")
@@ -140,6 +141,8 @@ def finished(body: WorkerFinished, worker: CurrentWorker, request: Request) -> W
         store.transition(worker.job_id, JobState.FAILED, body.reason,
                          expected=list(ACTIVE_STATES), error=error, details=body.details,
                          attempt_ended=(AttemptOutcome.FAILED, error))
+    # Its resources are free: the next queued job is admitted now, not at the next tick.
+    plane.wake()
     return WorkerStartedResponse(go=False, state=store.require_job(worker.job_id).state)
 
 

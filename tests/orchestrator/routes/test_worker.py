@@ -17,7 +17,7 @@ from orchestrator.settings import get_settings
 from orchestrator.spec import build_spec
 from orchestrator.states import JobState
 from orchestrator.store import Store
-from tests.support import REPO, FakeExecutor, as_local_user
+from tests.support import REPO, FakeExecutor, as_local_user, wait_until
 
 ASSETS = REPO / "jobs" / "assets"
 
@@ -180,3 +180,25 @@ def test_a_symlink_in_the_log_directory_is_never_followed(
     answer = client.get(f"/jobs/{job_id}/logs")
     assert answer.status_code == 409 and "hunter2" not in answer.text
     assert secret.read_text() == "password=hunter2\n"
+
+
+def test_an_attempts_end_admits_the_next_job_at_once(plane: tuple[TestClient, Store,
+                                                                   FakeExecutor]) -> None:
+    """The queue moves when a worker reports its end, not at the next tick (60 s here)."""
+    client, store, fake = plane
+    every_gpu = {**spec_dict(), "resources": {"gpus": 2, "cpus": 2}}
+    first = client.post("/jobs", json={"spec": every_gpu}).json()["id"]
+    client.app.state.plane.scheduler.tick()  # type: ignore[attr-defined]
+    worker = TestClient(client.app)
+    worker.headers["Authorization"] = "Bearer " + next(
+        launch.token for launch in fake.launches if launch.job_id == first)
+    started(worker)
+    second = client.post("/jobs", json={"spec": every_gpu}).json()["id"]
+    client.app.state.plane.scheduler.tick()  # type: ignore[attr-defined]
+    assert store.require_job(second).state == JobState.QUEUED  # no room while the first runs
+
+    answer = worker.post("/worker/finished", json={"outcome": "failed", "reason": "bad data",
+                                                   "error": "bad data"})
+    assert answer.json()["state"] == "failed"
+    wait_until(lambda: store.require_job(second).state == JobState.PENDING, 10,
+               "the second job to be admitted once the first ended")
