@@ -36,6 +36,7 @@ from orchestrator.scheduler import Scheduler
 from orchestrator.settings import Settings, get_settings
 from orchestrator.store import Store
 from orchestrator.tokens import LOCAL_PREFIX, new_token
+from orchestrator.watch import JobWatch
 
 log = logging.getLogger("orch.server")
 
@@ -49,6 +50,9 @@ class ControlPlane:
                  settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.store = store
+        # Status requests waiting for a job's state to change (`--wait`) hear of it here.
+        self.watch = JobWatch()
+        store.on_state_change(self.watch.changed)
         self.scheduler = Scheduler(store, executor, capacity,
                                    user_gpu_cap=self.settings.user_gpu_cap,
                                    cluster_loss_grace=self.settings.cluster_loss_grace,

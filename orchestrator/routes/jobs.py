@@ -8,6 +8,7 @@ cancel and resume are for the job's owner or an admin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ from orchestrator.progress import progress_of_jobs
 from orchestrator.sandbox import Rules, make_job_dir, new_job_dirs
 from orchestrator.spec import JobSpec, spec_from_dict
 from orchestrator.states import JobState
+from orchestrator.watch import FALLBACK_RECHECK_S
 
 if TYPE_CHECKING:
     from orchestrator.server import ControlPlane
@@ -166,11 +168,12 @@ def list_jobs(request: Request, state: str | None = None, owner: str | None = No
 
 
 # `--wait` asks for a job's status with the state it last saw and how long it may wait:
-# the answer comes as soon as the state differs (a reread every WAIT_RECHECK_S), or after
-# `wait` seconds. So the CLI hears of the end within a fraction of a second, for one request
-# per poll interval. The wait is asynchronous: a waiting client holds no server thread.
+# the answer comes as soon as the state differs, or after `wait` seconds. So the CLI hears of
+# the end at once, for one request per poll interval. The wait is asynchronous (a waiting
+# client holds no server thread) and idle: the control plane's JobWatch wakes it when this
+# process moves the job; it rereads the state only every FALLBACK_RECHECK_S, for moves made
+# by another server on the same database.
 MAX_WAIT_S = 30.0
-WAIT_RECHECK_S = 0.2
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail)
@@ -184,9 +187,12 @@ async def status(
     plane = plane_of(request)
     if changed_from is not None and wait > 0:
         deadline = time.monotonic() + wait
-        while (await run_in_threadpool(plane.store.job_state, job_id) == changed_from
-               and (left := deadline - time.monotonic()) > 0):
-            await asyncio.sleep(min(WAIT_RECHECK_S, left))
+        with plane.watch.watching(job_id) as changed:  # before the read: no change missed
+            while (await run_in_threadpool(plane.store.job_state, job_id) == changed_from
+                   and (left := deadline - time.monotonic()) > 0):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(FALLBACK_RECHECK_S, left))
+                changed.clear()
     return await run_in_threadpool(job_detail, plane, job_id)
 
 

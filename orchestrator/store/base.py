@@ -4,7 +4,8 @@ and the checks that refuse bad input before the database is touched."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,8 @@ from orchestrator.models import Job, WorkerRequest, utcnow
 from orchestrator.settings import get_settings
 from orchestrator.store.engine import READ_ONLY, make_engine, upgrade_schema
 
+log = logging.getLogger("orch.store")
+
 
 class StoreBase:
     """The engine and the two kinds of transaction. Each public Store method is one
@@ -30,6 +33,9 @@ class StoreBase:
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
                                   expire_on_commit=False)
+        # Told the ids of jobs whose state this Store moved, after the commit (the server's
+        # JobWatch: waiting status requests answer at once).
+        self._state_listeners: list[Callable[[Sequence[int]], None]] = []
         try:
             upgrade_schema(self.engine)
         except BaseException:
@@ -38,6 +44,17 @@ class StoreBase:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def on_state_change(self, listener: Callable[[Sequence[int]], None]) -> None:
+        """Call `listener(job_ids)` after each committed change of those jobs' states."""
+        self._state_listeners.append(listener)
+
+    def _announce(self, job_ids: Sequence[int]) -> None:
+        for listener in self._state_listeners:
+            try:
+                listener(job_ids)
+            except Exception:  # the move is committed; a listener's bug must not undo it
+                log.exception("a state-change listener failed")
 
     @contextmanager
     def _writing(self) -> Iterator[Session]:

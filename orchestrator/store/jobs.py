@@ -363,6 +363,7 @@ class JobsStore(StoreBase):
                 self._end_attempt(session, job_id, attempt_ended, now)
             if supersede is not None:
                 supersede_in(session, job_id, supersede.after_step, supersede.restated)
+        self._announce([job_id])
         return True
 
     @staticmethod
@@ -420,6 +421,7 @@ class JobsStore(StoreBase):
                  "started_at": now, "outcome": AttemptOutcome.RUNNING,
                  "token_hash": token_hash(c.token)}
                 for c in claimed])
+        self._announce([c.job_id for c in claimed])
         return claimed
 
     # -- events -----------------------------------------------------------------------

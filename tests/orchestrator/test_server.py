@@ -108,10 +108,14 @@ def test_metrics_and_checkpoints_views(api: tuple[TestClient, Store]) -> None:
     assert [j["id"] for j in listed] == [job_id]
 
 
-def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, Store]) -> None:
+def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, Store],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """`--wait`'s poll: the answer comes once the state is no longer the one named, not at
-    the end of the wait; with nothing changing, after the wait."""
+    the end of the wait; with nothing changing, after the wait. While it waits the server
+    does not reread the job: a move made here wakes it."""
     import threading
+
+    from orchestrator.watch import FALLBACK_RECHECK_S
 
     client, store = api
     job_id = client.post("/jobs", json={"spec": spec_dict()}).json()["id"]
@@ -119,17 +123,22 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     while client.get(f"/jobs/{job_id}").json()["state"] != "pending":
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    reads = []
+    read_state = store.job_state
+    monkeypatch.setattr(store, "job_state", lambda job: reads.append(job) or read_state(job))
 
     start = time.monotonic()
     unchanged = client.get(f"/jobs/{job_id}", params={"changed_from": "pending", "wait": 0.5})
     assert unchanged.status_code == 200 and unchanged.json()["state"] == "pending"
     assert time.monotonic() - start >= 0.5
+    assert len(reads) == 2  # before and after the wait; none in between
 
     # Without `changed_from`, `wait` alone does not wait.
     start = time.monotonic()
     assert client.get(f"/jobs/{job_id}", params={"wait": 20}).status_code == 200
     assert time.monotonic() - start < 5
 
+    reads.clear()
     timer = threading.Timer(0.5, lambda: store.transition(job_id, "running", "started",
                                                           expected=["pending"]))
     timer.start()
@@ -138,13 +147,29 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     took = time.monotonic() - start
     timer.join()
     assert changed.json()["state"] == "running" and changed.json()["events"][-1]["to"] == "running"
-    assert 0.4 <= took < 5, took
+    # Woken by the move, not by the fallback reread.
+    assert 0.4 <= took < FALLBACK_RECHECK_S - 0.2, took
+    assert len(reads) == 2
 
     # A state other than the one named is answered at once.
     start = time.monotonic()
     assert client.get(f"/jobs/{job_id}", params={"changed_from": "queued", "wait": 20}
                       ).json()["state"] == "running"
     assert time.monotonic() - start < 5
+
+    # A move this server did not make (another server on the same database) is found by
+    # the fallback reread.
+    other = Store(store.url)
+    timer = threading.Timer(0.3, lambda: other.transition(job_id, "cancelled", "elsewhere",
+                                                          expected=["running"]))
+    timer.start()
+    start = time.monotonic()
+    answer = client.get(f"/jobs/{job_id}", params={"changed_from": "running", "wait": 20})
+    took = time.monotonic() - start
+    timer.join()
+    other.close()
+    assert answer.json()["state"] == "cancelled"
+    assert FALLBACK_RECHECK_S - 0.1 <= took < FALLBACK_RECHECK_S + 3, took
 
 
 @pytest.mark.parametrize("params", [{"wait": 31}, {"wait": -1}, {"wait": "nan"}, {"wait": "inf"},

@@ -413,3 +413,15 @@ def test_the_drivers_words_become_the_attempts_cause(store: Store) -> None:
     store.transition(job_id, F, "lost", attempt_ended=(AttemptOutcome.FAILED, "lost for good"))
     assert not store.set_attempt_cause(job_id, 1, "too late")
     assert store.attempts(job_id)[0].cause == "lost for good"
+
+
+def test_moves_are_announced_after_the_commit(store: Store) -> None:
+    seen: list[tuple[list[int], str]] = []
+    store.on_state_change(lambda ids: seen.append((list(ids), store.job_state(ids[0]).value)))
+    job = new_job(store)
+    assert seen == []  # a new job is no move
+    claimed = store.claim_jobs([job])
+    assert [c.job_id for c in claimed] == [job] and seen == [([job], "pending")]
+    assert not store.transition(job, "succeeded", "no", expected=["running"])  # refused
+    assert store.transition(job, "running", "started", expected=["pending"])
+    assert seen == [([job], "pending"), ([job], "running")]
