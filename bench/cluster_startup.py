@@ -187,7 +187,7 @@ def cycle(args: argparse.Namespace, delays: list[float], title: str) -> list[flo
           + ", ".join(f"{name} done {t:.1f}" for name, t in marks)
           + f"; train_runtime {', '.join(f'{r:.1f}' for r in runtimes)} s; "
           f"sampler's own CPU {sampler.own_cpu_s:.1f} s")
-    print("\n".join(sampler.table(edges, skip=lambda k: k == "ray::TrainingWorker")))
+    print("\n".join(sampler.table(edges, skip=lambda k: k == "orch worker (Ray Job entrypoint)")))
     return runtimes
 
 

@@ -32,7 +32,7 @@ def process_kind(cmdline: list[str]) -> str:
     first = cmdline[0]
     line = " ".join(cmdline)
     if first.startswith("ray::"):
-        title = first.split()[0].split(".")[0]  # ray::TrainingWorker.train: the actor
+        title = first.split()[0].split(".")[0]  # ray::JobSupervisor, ray::RayTrainWorker._
         return "idle worker (ray::IDLE)" if title == "ray::IDLE" else title
     if first.startswith("ray-dashboard-"):  # the dashboard's module processes
         return "dashboard module " + first.split()[0].removeprefix("ray-dashboard-").rsplit("-", 1)[0]
@@ -41,7 +41,8 @@ def process_kind(cmdline: list[str]) -> str:
                          ("multiprocessing.forkserver", "dashboard forkserver"),
                          ("log_monitor.py", "log_monitor"), ("autoscaler/_private/monitor.py", "monitor"),
                          ("ray.util.client.server", "client server"),
-                         ("workers.driver", "orch driver"), ("dashboard/agent.py", "DashboardAgent"),
+                         ("workers.driver", "orch worker (Ray Job entrypoint)"),
+                         ("dashboard/agent.py", "DashboardAgent"),
                          ("orchestrator.cli server", "orch server"),
                          ("orchestrator.cli submit", "orch CLI (submit --wait)"),
                          ("orchestrator.cli", "orch CLI (other)"),

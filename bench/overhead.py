@@ -13,8 +13,7 @@ process, interleaved, and prints both wall times and a breakdown of each into ph
 The orch phases come from clocks that exist anyway, all on this machine: the store's
 transitions (queued, pending, running, succeeded) and the `at` of the `total_steps` metric
 (written and flushed in the Trainer's on_train_begin); the Ray Job's start time (Jobs
-API); Ray's task events for the worker actor (its creation task: created by the driver,
-running once the actor's process is up; then its `train` task running); the Trainer's own
+API); the training process's own start time (in its `running` event); the Trainer's own
 `train_runtime`. The direct phases are timed by the direct process itself.
 
 The last lines are `ratio: X` (orch / direct, medians) and `overhead_s: Y` (orch - direct).
@@ -47,9 +46,9 @@ DIRECT_PHASES = ("interpreter + imports (torch, transformers)", "load model + da
 # Shown under the phases, not part of their sum: the step-0 evaluation inside train().
 EVAL0 = "(of train(): the step-0 evaluation, eval_runtime)"
 ORCH_PHASES = ("CLI start, validate, POST, preflight", "admission (queued -> pending)",
-               "Ray Job submission accepted", "JobSupervisor + driver start, ray.init, spec read",
-               "actor start (lease, worker process)", "actor __init__, train() dispatched",
-               "imports (torch, transformers, store) -> running", "load model + data, tokenize, Trainer",
+               "Ray Job submission accepted", "JobSupervisor start (holding the job's resources), "
+               "entrypoint process start", "imports (torch, transformers), spec read -> running",
+               "load model + data, tokenize, Trainer",
                "train() (the Trainer's train_runtime)", "after train(): final eval, save, record",
                "CLI notices the end (poll) and exits")
 
@@ -119,7 +118,6 @@ def run_orch(spec: str, sets: list[str], env: dict[str, str]) -> tuple[float, li
 def orch_phases(job_id: int, start: float, end: float) -> list[float]:
     """The marks of one finished job (the cluster still up), as phase durations."""
     from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_tasks
 
     from orchestrator import cluster
     from orchestrator.store import Store
@@ -127,23 +125,17 @@ def orch_phases(job_id: int, start: float, end: float) -> list[float]:
     store = Store()
     try:
         at = {e.to_state: e.at.timestamp() for e in store.events(job_id)}
+        # The training process (the Ray Job's entrypoint) says when it started.
+        process_started = next(e.details["process_started"] for e in store.events(job_id)
+                               if e.to_state == "running")
         sid = store.attempts(job_id)[-1].ray_submission_id
         begin = next(m.at.timestamp() for m in store.metrics(job_id, name="total_steps"))
         runtime = store.metrics(job_id, name="train_runtime")[-1].value
         eval0 = next((m.value for m in store.metrics(job_id, name="eval_runtime") if m.step == 0), 0.0)
     finally:
         store.close()
-    url = cluster.target().jobs_url
-    info = JobSubmissionClient(url).get_job_info(sid)
-    tasks = list_tasks(address=url, detail=True, filters=[("job_id", "=", info.job_id)])
-
-    def event(name: str, state: str) -> float:
-        task = next(t for t in tasks if t.name.endswith(name))
-        return next(e["created_ms"] for e in task.events if e["state"] == state) / 1000
-
-    marks = [start, at["queued"], at["pending"], info.start_time / 1000,
-             event("TrainingWorker.__init__", "PENDING_ARGS_AVAIL"),
-             event("TrainingWorker.__init__", "RUNNING"), event("TrainingWorker.train", "RUNNING"),
+    info = JobSubmissionClient(cluster.target().jobs_url).get_job_info(sid)
+    marks = [start, at["queued"], at["pending"], info.start_time / 1000, process_started,
              at["running"], begin, begin + runtime, at["succeeded"], end]
     return [*(b - a for a, b in itertools.pairwise(marks)), eval0]
 
@@ -199,7 +191,7 @@ def main() -> None:
         walls = [w for w, _ in runs]
         print("| **wall** | " + " | ".join(f"{w:.1f}" for w in walls)
               + f" | {statistics.median(walls):.1f} |")
-    train = [statistics.median(p[2] for _, p in direct_runs), statistics.median(p[8] for _, p in orch_runs)]
+    train = [statistics.median(p[2] for _, p in direct_runs), statistics.median(p[6] for _, p in orch_runs)]
     print(f"\ntrain_runtime: direct {train[0]:.1f} s, orch {train[1]:.1f} s "
           f"(orch steps/s / direct steps/s: {train[0] / train[1]:.3f})")
     print(f"fixed_s (orch wall - orch train_runtime - (direct wall - direct train_runtime)): "

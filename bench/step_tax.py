@@ -7,7 +7,8 @@ model loading, not Ray start-up), from which steps/s = max_steps / train_runtime
 - plain: `workers.training.run_training` in a fresh process, no Ray, no store;
 - actor: the same call inside a bare Ray actor (num_cpus = the spec's cpus) on a local
          cluster that was left to settle after its start;
-- orch:  `orch submit --wait` on the same settled cluster through the control plane;
+- orch:  `orch submit --wait` on the same settled cluster through the control plane (one
+         worker: it trains in the Ray Job's entrypoint process, which holds the CPUs);
          train_runtime read back from the store (`orch metrics JOB -o json`).
 
     python bench/step_tax.py                     # t5_summarize, 1200 steps, 1 round

@@ -42,6 +42,8 @@ class RayStatus(str, Enum):
 class RayJobInfo:
     status: RayStatus
     message: str = ""
+    # The entrypoint's exit status once it ended (a shell's 128 + N, or -N, for signal N).
+    exit_code: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,18 @@ class RayJobsExecutor:
         env = {"ORCH_SERVER_URL": self.server_url, "ORCH_ATTEMPT_TOKEN": launch.token,
                **self._cluster_env()}
         per_worker_cpus = max(1, launch.cpus // max(1, launch.workers))
+        # One worker trains in the entrypoint process itself, which holds the job's GPUs
+        # and CPUs: Ray places the Job where they are. A data-parallel job's driver only
+        # starts Ray Train's workers, and they hold the resources.
+        alone = launch.workers <= 1
         self.client.submit_job(
             entrypoint=(f"{self.python} -m workers.driver --job-id {launch.job_id} "
                         f"--attempt {launch.attempt} --gpus {launch.gpus} "
                         f"--cpus {per_worker_cpus} --workers {launch.workers}"),
             submission_id=launch.submission_id,
             runtime_env={"env_vars": env},
-            # The driver only starts the workers; they hold the GPUs and CPUs.
-            entrypoint_num_cpus=0,
+            entrypoint_num_cpus=launch.cpus if alone else 0,
+            entrypoint_num_gpus=launch.gpus if alone else 0,
             metadata={"orch_job_id": str(launch.job_id), "orch_attempt": str(launch.attempt)},
         )
 
@@ -133,7 +139,8 @@ class RayJobsExecutor:
             if "does not exist" in str(exc) or "404" in str(exc):
                 return RayJobInfo(RayStatus.MISSING, str(exc))
             raise
-        return RayJobInfo(RayStatus(details.status.value), details.message or "")
+        return RayJobInfo(RayStatus(details.status.value), details.message or "",
+                          details.driver_exit_code)
 
     def stop(self, submission: str) -> None:
         try:

@@ -23,6 +23,7 @@ job is treated the same way, so no job stays "running" on a cluster that is gone
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from orchestrator.cluster import Capacity
-from orchestrator.executor import Executor, Launch, RayStatus
+from orchestrator.executor import Executor, Launch, RayJobInfo, RayStatus
 from orchestrator.models import AttemptOutcome, Job
 from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE_STATES, JobState
@@ -284,8 +285,7 @@ class Scheduler:
                 )
                 continue
             said = self._driver_said(current)
-            self.fail_or_retry(current, _ray_failure_reason(info.status, info.message, said,
-                                                            self._log_tail(job)))
+            self.fail_or_retry(current, _ray_failure_reason(info, said, self._log_tail(job)))
         if reached:
             self.unreachable_since = None
         elif not active:
@@ -375,12 +375,30 @@ class Scheduler:
             return True, f"job {job_id} cancelled; its Ray job was stopped"
 
 
-def _ray_failure_reason(status: RayStatus, message: str, said: str | None,
-                        log_tail: str) -> str:
+def killed_by(exit_code: int | None) -> str | None:
+    """The signal that ended a Ray Job's entrypoint, from its exit status: -N from Python's
+    subprocess, or 128 + N from the shell Ray starts it with."""
+    if exit_code is None or exit_code == 0:
+        return None
+    number = -exit_code if exit_code < 0 else exit_code - 128 if 128 < exit_code < 160 else None
+    if number is None:
+        return None
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
+
+
+def _ray_failure_reason(info: RayJobInfo, said: str | None, log_tail: str) -> str:
+    status, message = info.status, info.message
     if said:
-        # The driver's own words ("worker process died: ...") say more than Ray's generic
+        # What the attempt reported before its Ray Job ended says more than Ray's generic
         # "entrypoint command failed with exit code N".
         head = said
+    elif status == RayStatus.FAILED and (signal_name := killed_by(info.exit_code)):
+        # Killed from outside (the OOM killer, an operator, a lost node's cleanup): the
+        # process could say nothing. Not the job's own error.
+        head = f"worker process died: killed by {signal_name}"
     elif status == RayStatus.SUCCEEDED:
         head = "the driver exited without recording a result"
     elif status == RayStatus.STOPPED:

@@ -97,7 +97,11 @@ def resume_point(job: WorkerJob) -> tuple[str | None, int, str]:
 
 
 def where_am_i() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    import psutil
+
+    # When this process started (seconds since the epoch): bench/overhead.py's phases.
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "process_started": round(psutil.Process().create_time(), 3)}
 
 
 def begin(client: ControlPlaneClient, *, where: str, details: dict[str, Any]) -> Decision:

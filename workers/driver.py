@@ -2,19 +2,22 @@
 
     python -m workers.driver --job-id 7 --attempt 1 --gpus 1 --cpus 2 --workers 1
 
-The driver is light: it imports neither torch nor transformers, so the workers' own
-start-up begins at once. With one worker it starts one `TrainingWorker` actor that holds
-the job's GPUs and CPUs (Ray schedules it onto a node that has them) and waits; with more,
-a Ray Train worker group (`workers.distributed`). The workers run the attempt's lifecycle
-(`workers.attempt`) and record its outcome through the control plane: succeeded, or failed
-for an error in the job itself (never retried). When the actor's process dies instead, the
-driver reports why (the attempt's cause) and exits non-zero; the control plane sees the
-Ray Job end with the job still running and retries it (from the latest checkpoint) or
-fails it.
+With one worker, this process is the worker: the executor submits the Ray Job with the
+job's GPUs and CPUs as entrypoint resources, so Ray places it (through the Job's supervisor
+actor) on a node that has them and sets CUDA_VISIBLE_DEVICES and OMP_NUM_THREADS for it. It
+trains here, in a plain process, with no Ray core worker beside the training threads and no
+second process per job. With more workers it is a light Ray driver (no torch) that hands
+the job to a Ray Train worker group (`workers.distributed`), whose workers hold the
+resources.
 
-Everything the driver and its workers print is streamed to the control plane as it is
-written (`LogShipper`), so `orch logs` works after the job ended and after the Ray cluster
-is gone.
+Either way the workers run the attempt's lifecycle (`workers.attempt`) and record its
+outcome through the control plane: succeeded, or failed for an error in the job itself
+(never retried). When the process dies instead (killed, out of memory), the Ray Job ends
+with the job still running: the control plane sees it and retries the attempt (from the
+latest checkpoint) or fails the job.
+
+Everything printed is streamed to the control plane as it is written (`LogShipper`), so
+`orch logs` works after the job ended and after the Ray cluster is gone.
 """
 
 from __future__ import annotations
@@ -27,14 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import ray
-
 from orchestrator.settings import get_settings
 from workers.control_plane import AttemptOver, ControlPlaneClient, ControlPlaneGone
-
-# Exit codes the control plane sees as the Ray Job's: 0 done (the outcome is recorded),
-# 1 the job failed (recorded), 3 the worker process died (infrastructure: retried).
-EXIT_WORKER_DIED = 3
 
 
 class LogShipper:
@@ -124,72 +121,53 @@ def tee_output(shipper: LogShipper) -> Iterator[None]:
             thread.join(timeout=5)
 
 
-@ray.remote(max_restarts=0)
-class TrainingWorker:
-    """One fine-tune, in a Ray worker process holding the job's GPUs."""
+def train_here(client: ControlPlaneClient) -> int:
+    """One worker: the attempt, in this process, on the resources Ray gave the Ray Job."""
+    import torch
 
-    def train(self) -> str:
-        import torch
+    from workers import attempt
 
-        from workers import attempt
+    attempt.show_logs()
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned the Job's entrypoint resources.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    gpu_ids = [g for g in visible.split(",") if g.strip()]
+    device = "cuda" if torch.cuda.is_available() and gpu_ids else "cpu"
+    here = attempt.where_am_i()
+    where = (f"on {here['host']} (pid {here['pid']}), Ray GPUs {gpu_ids or 'none'}, "
+             f"training on {device}")
+    decision = attempt.begin(client, where=where,
+                             details={**here, "gpus": gpu_ids, "device": device})
+    if not decision.go:
+        print(f"not started: {decision.why_not}", flush=True)
+        return 0
+    try:
+        attempt.train(decision, client)
+    except AttemptOver:
+        print("stopped: the control plane ended this attempt", flush=True)
+        return 0
+    except Exception:
+        # Recorded as failed if it was the job's own error (attempt.train did, and printed
+        # the traceback); otherwise (the control plane unreachable) the Ray Job's failure
+        # tells the control plane, which retries.
+        return 1
+    print("succeeded", flush=True)
+    return 0
 
-        attempt.show_logs()
-        client = ControlPlaneClient.from_environment()
-        gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        device = "cuda" if torch.cuda.is_available() and gpu_ids else "cpu"
-        here = attempt.where_am_i()
-        where = (f"on {here['host']} (pid {here['pid']}), Ray GPUs {gpu_ids or 'none'}, "
-                 f"training on {device}")
-        decision = attempt.begin(client, where=where,
-                                 details={**here, "gpus": list(gpu_ids), "device": device})
-        if not decision.go:
-            return f"not started: {decision.why_not}"
-        try:
-            attempt.train(decision, client)
-        except AttemptOver:
-            return "stopped: the control plane ended this attempt"
-        return "succeeded"
 
-
-def run(job_id: int, attempt: int, gpus: int, cpus: int, workers: int,
-        client: ControlPlaneClient) -> int:
+def run(workers: int, gpus: int, cpus: int, client: ControlPlaneClient) -> int:
+    if workers <= 1:
+        return train_here(client)
     # Inside a Ray Job this joins the job's cluster; for a local cluster orch names it, as
     # several local clusters may share the machine (ORCH_RAY_GCS_ADDRESS, from the executor).
+    import ray
+
+    from workers.distributed import run_distributed
+
     ray.init(address=get_settings().ray_gcs_address or None)
     try:
-        if workers > 1:
-            # Ray Train's worker group (workers.distributed). One worker keeps the plain
-            # actor below, which starts faster.
-            from workers.distributed import run_distributed
-
-            return run_distributed(client, gpus=gpus, cpus=cpus, workers=workers)
-        worker = TrainingWorker.options(  # type: ignore[attr-defined]
-            num_gpus=gpus, num_cpus=cpus, name=f"orch-{job_id}-{attempt}").remote()
-        try:
-            print(ray.get(worker.train.remote()), flush=True)
-            return 0
-        except ray.exceptions.RayActorError as exc:
-            # The worker process died (killed, OOM, node lost): infrastructure, not the
-            # job's code. The control plane decides between a retry and failing the job.
-            cause = f"worker process died: {str(exc).splitlines()[0]}"
-            print(f"orch: {cause}", file=sys.stderr, flush=True)
-            report_cause(client, cause)
-            return EXIT_WORKER_DIED
-        except ray.exceptions.RayTaskError:
-            return 1  # the worker recorded the failure; its traceback is in the log above
+        return run_distributed(client, gpus=gpus, cpus=cpus, workers=workers)
     finally:
         ray.shutdown()
-
-
-def report_cause(client: ControlPlaneClient, cause: str) -> None:
-    """Tell the control plane why the attempt is ending badly; best effort (if it cannot be
-    reached, the Ray Job's failure still tells it something went wrong)."""
-    try:
-        client.call("POST", "/worker/cause", json={"reason": cause, "key": "cause"},
-                    timeout=30)
-    except Exception as exc:
-        print(f"orch: could not report the cause to the control plane: {exc}", file=sys.stderr,
-              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     shipper = LogShipper(client)
     try:
         with tee_output(shipper):
-            return run(args.job_id, args.attempt, args.gpus, args.cpus, args.workers, client)
+            return run(args.workers, args.gpus, args.cpus, client)
     finally:
         shipper.close()
 

@@ -6,6 +6,7 @@ import getpass
 import json
 import time
 
+import psutil
 import pytest
 
 from tests.support import FAKE_GPUS, alive_actor_names, run_orch, wait_until
@@ -16,7 +17,8 @@ LONG = ["jobs/bert_mlm.yaml", "--set", "training.max_steps=100000", "--set", "tr
         "--set", "resources.cpus=1", "-q"]
 # Every GPU of the cluster: a Ray Train group of one worker per GPU.
 ALL_GPUS = [*LONG, "--set", f"resources.gpus={FAKE_GPUS}"]
-# One GPU: one worker actor, which starts several times faster than a group.
+# One GPU: one worker, in the Ray Job's own process, which starts several times faster than
+# a group.
 ONE_GPU = [*LONG, "--set", "resources.gpus=1"]
 
 
@@ -51,15 +53,24 @@ def test_cancel_running_job_frees_its_gpus_for_the_next(orch_env, orch_store) ->
     again = run_orch(orch_env, "cancel", str(first))
     assert again.returncode == 1 and "already cancelled" in again.stdout
 
+    # The second (one worker) trains in its Ray Job's entrypoint process.
+    trainer = next(e.details for e in reversed(orch_store.events(second))
+                   if e.to_state == "running")["pid"]
+    assert psutil.pid_exists(trainer)
     run_orch(orch_env, "cancel", str(second), check=True)
     assert orch_store.get_job(second).state == "cancelled"
+    # Nothing of either job is left on Ray: no Ray Job supervisor (which holds a single
+    # worker's GPUs), no Ray Train actor, no training process.
+    ray_side = {f"{prefix}orch-{job}-1" for job in (first, second)
+                for prefix in ("", "_ray_internal_job_actor_")}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        alive = alive_actor_names(orch_env) & {f"orch-{first}-1", f"orch-{second}-1"}
-        if not alive:
+        alive = alive_actor_names(orch_env) & ray_side
+        if not alive and not psutil.pid_exists(trainer):
             break
         time.sleep(1)
     assert not alive, f"actors still alive after cancel: {alive}"
+    assert not psutil.pid_exists(trainer), "the training process outlived the cancel"
 
 
 def test_cancel_queued_job_never_starts(orch_env, orch_store) -> None:  # type: ignore[no-untyped-def]

@@ -277,6 +277,28 @@ def test_the_drivers_own_words_head_the_failure_reason(store: Store, fake: FakeE
     assert (failed.error or "").endswith("something printed: worker process died: OOM")
 
 
+@pytest.mark.parametrize(("exit_code", "cause"), [
+    (-9, "worker process died: killed by SIGKILL (signal 9)"),   # Python's Popen
+    (137, "worker process died: killed by SIGKILL (signal 9)"),  # through a shell
+    (143, "worker process died: killed by SIGTERM (signal 15)"),
+    (1, "the Ray job failed: Job entrypoint command failed with exit code 1"),
+    (None, "the Ray job failed: Job entrypoint command failed with exit code 1"),
+])
+def test_a_process_killed_from_outside_is_named_and_retried(
+        store: Store, fake: FakeExecutor, sched: Scheduler, exit_code: int | None,
+        cause: str) -> None:
+    """A single worker trains in the Ray Job's entrypoint: killed, it can report nothing,
+    and Ray's exit status is all there is to say why."""
+    job = add_job(store, max_attempts=2)
+    sched.tick()
+    store.transition(job, JobState.RUNNING, "started", expected=[JobState.PENDING])
+    fake.statuses[submission_id(job, 1)] = RayJobInfo(
+        RayStatus.FAILED, "Job entrypoint command failed with exit code 1", exit_code)
+    sched.tick()
+    first = store.attempts(job)[0]
+    assert first.outcome == AttemptOutcome.RETRIED and (first.cause or "").startswith(cause)
+
+
 def test_multi_node_job_with_node_local_storage_is_refused(store: Store, fake: FakeExecutor) -> None:
     from orchestrator.spec import build_spec
 
