@@ -115,8 +115,11 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     does not reread the job: a move made here wakes it."""
     import threading
 
-    from orchestrator.watch import FALLBACK_RECHECK_S
+    from orchestrator.routes import jobs
 
+    # The fallback reread far away, so that only the move's own notice can answer in time
+    # (however loaded the machine is).
+    monkeypatch.setattr(jobs, "FALLBACK_RECHECK_S", 30.0)
     client, store = api
     job_id = client.post("/jobs", json={"spec": spec_dict()}).json()["id"]
     deadline = time.monotonic() + 5
@@ -147,8 +150,8 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     took = time.monotonic() - start
     timer.join()
     assert changed.json()["state"] == "running" and changed.json()["events"][-1]["to"] == "running"
-    # Woken by the move, not by the fallback reread.
-    assert 0.4 <= took < FALLBACK_RECHECK_S - 0.2, took
+    # Woken by the move, not by the fallback reread (30 s away).
+    assert 0.4 <= took < 15, took
     assert len(reads) == 2
 
     # A state other than the one named is answered at once.
@@ -159,6 +162,7 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
 
     # A move this server did not make (another server on the same database) is found by
     # the fallback reread.
+    monkeypatch.setattr(jobs, "FALLBACK_RECHECK_S", 1.0)
     other = Store(store.url)
     timer = threading.Timer(0.3, lambda: other.transition(job_id, "cancelled", "elsewhere",
                                                           expected=["running"]))
@@ -169,7 +173,7 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     timer.join()
     other.close()
     assert answer.json()["state"] == "cancelled"
-    assert FALLBACK_RECHECK_S - 0.1 <= took < FALLBACK_RECHECK_S + 3, took
+    assert 0.9 <= took < 15, took
 
 
 @pytest.mark.parametrize("params", [{"wait": 31}, {"wait": -1}, {"wait": "nan"}, {"wait": "inf"},
