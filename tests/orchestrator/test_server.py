@@ -6,6 +6,7 @@ import getpass
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -141,15 +142,20 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     assert client.get(f"/jobs/{job_id}", params={"wait": 20}).status_code == 200
     assert time.monotonic() - start < 5
 
+    def wait_through(move: Any, after: float, changed_from: str) -> tuple[dict[str, Any], float]:
+        """A 20 s wait for `changed_from` to change while `move` runs `after` s in."""
+        timer = threading.Timer(after, move)
+        timer.start()
+        start = time.monotonic()
+        answer = client.get(f"/jobs/{job_id}", params={"changed_from": changed_from, "wait": 20})
+        took = time.monotonic() - start
+        timer.join()
+        return answer.json(), took
+
     reads.clear()
-    timer = threading.Timer(0.5, lambda: store.transition(job_id, "running", "started",
-                                                          expected=["pending"]))
-    timer.start()
-    start = time.monotonic()
-    changed = client.get(f"/jobs/{job_id}", params={"changed_from": "pending", "wait": 20})
-    took = time.monotonic() - start
-    timer.join()
-    assert changed.json()["state"] == "running" and changed.json()["events"][-1]["to"] == "running"
+    changed, took = wait_through(lambda: store.transition(job_id, "running", "started",
+                                                          expected=["pending"]), 0.5, "pending")
+    assert changed["state"] == "running" and changed["events"][-1]["to"] == "running"
     # Woken by the move, not by the fallback reread (30 s away).
     assert 0.4 <= took < 15, took
     assert len(reads) == 2
@@ -164,15 +170,10 @@ def test_a_waiting_status_answers_when_the_state_changes(api: tuple[TestClient, 
     # the fallback reread.
     monkeypatch.setattr(jobs, "FALLBACK_RECHECK_S", 1.0)
     other = Store(store.url)
-    timer = threading.Timer(0.3, lambda: other.transition(job_id, "cancelled", "elsewhere",
-                                                          expected=["running"]))
-    timer.start()
-    start = time.monotonic()
-    answer = client.get(f"/jobs/{job_id}", params={"changed_from": "running", "wait": 20})
-    took = time.monotonic() - start
-    timer.join()
+    answer, took = wait_through(lambda: other.transition(job_id, "cancelled", "elsewhere",
+                                                         expected=["running"]), 0.3, "running")
     other.close()
-    assert answer.json()["state"] == "cancelled"
+    assert answer["state"] == "cancelled"
     assert 0.9 <= took < 15, took
 
 
