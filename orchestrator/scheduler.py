@@ -330,8 +330,10 @@ class Scheduler:
             )
 
     def _driver_said(self, job: Job) -> str | None:
-        """What the attempt's driver reported before its Ray Job ended (e.g. "worker process
-        died: ..."), recorded as the attempt's cause while it was still running."""
+        """What the attempt reported through `/worker/cause` before its Ray Job ended,
+        recorded as the attempt's cause while it was still running. orch's own workers no
+        longer send one (a killed single worker cannot; its signal is read from the exit
+        status instead); the route stays for workers of the previous version."""
         assert job.id is not None
         current = [a for a in self.store.attempts(job.id) if a.attempt == job.attempts]
         return current[0].cause if current else None

@@ -134,9 +134,6 @@ class ControlPlaneClient:
         self.call("POST", "/worker/events",
                   json={"reason": reason, "details": details or {}, "key": new_key()})
 
-    def cause(self, reason: str) -> None:
-        self.call("POST", "/worker/cause", json={"reason": reason, "key": new_key()})
-
     def finished(self, report: WorkerFinished) -> WorkerStartedResponse:
         return self._typed(WorkerStartedResponse, "POST", "/worker/finished",
                            json=report.model_dump(mode="json"))
