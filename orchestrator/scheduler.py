@@ -206,6 +206,10 @@ class Scheduler:
         return reasons
 
     # -- the loop -------------------------------------------------------------------------
+    def reconcile_due_in(self) -> float:
+        """Seconds until the next tick should ask Ray about the active jobs (0: now)."""
+        return max(0.0, self._reconciled_at + self.reconcile_interval - time.monotonic())
+
     def tick(self) -> None:
         with self._lock:
             if time.monotonic() - self._reconciled_at >= self.reconcile_interval:

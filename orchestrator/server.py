@@ -62,6 +62,10 @@ class ControlPlane:
         self.refresh_capacity = refresh_capacity
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Every move this server commits may free resources or queue a job (a job's end, a
+        # retry): tick at once. The interval is only the fallback for what changes
+        # elsewhere (capacity, caps set on the database directly).
+        store.on_state_change(lambda _job_ids: self._wake.set())
         self._thread = threading.Thread(target=self._loop, name="orch-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -73,7 +77,7 @@ class ControlPlane:
         self._thread.join(timeout=10)
 
     def wake(self) -> None:
-        """Tick now rather than at the next interval (a job was submitted or cancelled)."""
+        """Tick now rather than at the next interval (a job was submitted, say)."""
         self._wake.set()
 
     def _loop(self) -> None:
@@ -86,8 +90,13 @@ class ControlPlane:
                     self.scheduler.capacity = self.refresh_capacity()
             except Exception:
                 log.exception("scheduler tick failed")
-            self._wake.wait(self.interval)
+            self._wake.wait(self._next_tick_in())
             self._wake.clear()
+
+    def _next_tick_in(self) -> float:
+        """The interval, or less when the next reconciliation with Ray falls due sooner."""
+        due = self.scheduler.reconcile_due_in()
+        return min(self.interval, due) if due > 0 else self.interval
 
 
 def default_control_plane(settings: Settings | None = None,

@@ -111,9 +111,10 @@ class Settings(BaseModel):
         "ray", json_schema_extra=_used_by("server"),
         description="`ray`, or `noop` to measure the control plane alone (jobs succeed at "
                     "once)")
-    scheduler_interval: float = Field(0.5, gt=0, le=60, json_schema_extra=_used_by("server"),
-                                      description="seconds between scheduler ticks (submit, "
-                                                  "cancel and a job's end also wake it)")
+    scheduler_interval: float = Field(2.0, gt=0, le=60, json_schema_extra=_used_by("server"),
+                                      description="seconds between scheduler ticks when "
+                                                  "nothing wakes it (a submit and every "
+                                                  "move of a job's state wake it at once)")
     reconcile_interval: float = Field(2.0, ge=0, le=300, json_schema_extra=_used_by("server"),
                                       description="seconds between asking Ray about each "
                                                   "running job (a lost worker is noticed "

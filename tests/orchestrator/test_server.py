@@ -13,8 +13,10 @@ from fastapi.testclient import TestClient
 
 from orchestrator.cluster import Capacity
 from orchestrator.server import ControlPlane, create_app
+from orchestrator.settings import Settings
+from orchestrator.states import JobState
 from orchestrator.store import Store
-from tests.support import FakeExecutor, as_local_user
+from tests.support import FakeExecutor, as_local_user, new_job, state_of, wait_until
 from tests.support import mlm_spec_dict as spec_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,3 +188,33 @@ def test_a_bad_wait_is_422_and_an_unknown_job_404(api: tuple[TestClient, Store],
     answer = client.get(f"/jobs/{job_id}", params={"changed_from": "queued", **params})
     assert answer.status_code == 422, answer.text
     assert client.get("/jobs/4242", params={"changed_from": "queued", "wait": 1}).status_code == 404
+
+
+def test_a_committed_move_wakes_the_scheduler_loop(store: Store) -> None:
+    """A job's end frees its GPU: the next job is admitted at once, not at the next tick.
+    Ticks and reconciliations are a minute apart here, so only the store's notice of the
+    move can wake the loop in time."""
+    slow = Settings(scheduler_interval=60, reconcile_interval=60)
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=1, cpus=4, nodes=1), settings=slow)
+    first, second = new_job(store, cpus=1), new_job(store, cpus=1)
+    plane.start()
+    try:
+        wait_until(lambda: state_of(store, first) == "pending", 10, "the first job admitted")
+        time.sleep(0.3)  # the loop settles into its minute-long wait
+        assert state_of(store, second) == "queued"  # one GPU: the second waits
+        store.transition(first, JobState.RUNNING, "started", expected=[JobState.PENDING])
+        store.transition(first, JobState.SUCCEEDED, "done", expected=[JobState.RUNNING])
+        wait_until(lambda: state_of(store, second) == "pending", 10,
+                   "the second job admitted once the first ended")
+    finally:
+        plane.stop()
+
+
+@pytest.mark.parametrize(("reconcile_interval", "expected"), [(0.0, 5.0), (60.0, 5.0), (2.0, 2.0)])
+def test_the_loop_waits_no_longer_than_the_next_reconciliation(
+        store: Store, reconcile_interval: float, expected: float) -> None:
+    settings = Settings(scheduler_interval=5, reconcile_interval=reconcile_interval)
+    plane = ControlPlane(store, FakeExecutor(), Capacity(gpus=1, cpus=4, nodes=1),
+                         settings=settings)
+    plane.scheduler.tick()  # reconciles now (none before): the next one is due in the interval
+    assert plane._next_tick_in() == pytest.approx(expected, abs=0.5)
