@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -148,16 +149,47 @@ def check_local_ports() -> None:
         raise SettingsError(clashes)
 
 
+def _listening(port: int) -> bool:
+    """Something accepts connections on this local port (Ray's GCS listens on every
+    interface, so loopback reaches it)."""
+    with socket.socket() as sock:
+        sock.settimeout(2.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_up(jobs_url: str, timeout: float) -> bool:
+    """Whether the dashboard answers within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if is_up(jobs_url, timeout=min(10.0, max(0.5, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def start_local(num_cpus: int | None = None, num_gpus: int | None = None,
-                settle_timeout: float = 30.0) -> ClusterTarget:
+                settle_timeout: float = 30.0, head_wait: float = 120.0) -> ClusterTarget:
     """Start the local cluster unless it is already up, then wait (at most `settle_timeout`
-    seconds) until it has finished starting up (see `wait_settled`). Idempotent."""
+    seconds) until it has finished starting up (see `wait_settled`). Idempotent: a head
+    already on the cluster's port is waited for (at most `head_wait` seconds), not started
+    again."""
     tgt = target()
     check_local_ports()
     if not tgt.local:
         raise ClusterError("RAY_ADDRESS points at an existing cluster; orch does not start it")
     if is_up(tgt.jobs_url):
         return tgt
+    if _listening(ray_port()):
+        # A head already holds our GCS port: one still starting, or a dashboard too busy to
+        # answer within is_up's 2 s on a loaded machine. A second `ray start` would only be
+        # refused ("already running"): wait for this one instead.
+        if wait_up(tgt.jobs_url, timeout=head_wait):
+            return tgt
+        raise ClusterError(
+            f"a Ray head holds port {ray_port()} (ORCH_RAY_PORT), but its dashboard at "
+            f"{tgt.jobs_url} did not answer within {head_wait:.0f}s; `orch down` stops a "
+            "cluster of orch's, or give orch another port")
     _ensure_token()
     num_cpus = num_cpus if num_cpus is not None else get_settings().ray_num_cpus
     num_gpus = num_gpus if num_gpus is not None else get_settings().ray_num_gpus
@@ -185,7 +217,7 @@ def start_local(num_cpus: int | None = None, num_gpus: int | None = None,
         # (an attempt's token among them); only this user may read them.
         proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False,
                               umask=0o077)
-    if proc.returncode != 0 or not is_up(tgt.jobs_url, timeout=10):
+    if proc.returncode != 0 or not wait_up(tgt.jobs_url, timeout=head_wait):
         tail = log.read_text()[-1500:]
         raise ClusterError(f"could not start the local Ray cluster (see {log}):\n{tail}")
     if settle_timeout > 0:

@@ -160,3 +160,37 @@ def test_wait_settled_waits_for_the_cluster_to_go_quiet_and_no_longer_than_its_l
     # Busy for longer than the limit: it gives up at the limit.
     spawned.append(subprocess.Popen([sys.executable, "-c", burner, "60", f"--gcs_server_port={port}"]))
     assert 1.5 <= cluster.wait_settled(timeout=1.5, busy_cores=0.02, window=0.5) < 5
+
+
+def _wait_for_ready(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+
+
+def test_start_local_waits_for_a_head_already_on_its_port_instead_of_starting_another(
+        cluster_env: dict[str, int], spawned: list[subprocess.Popen[bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head holds the GCS port but its dashboard is too busy to answer at first (a loaded
+    machine): wait for it. A second `ray start` would be refused as 'already running'."""
+    spawned.append(subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, f"listen={cluster_env['ORCH_RAY_PORT']}"],
+        stdout=subprocess.PIPE))
+    _wait_for_ready(spawned[-1])
+    answers = iter([False, False, False])
+    asked: list[float] = []
+
+    def slow_dashboard(url: str | None = None, timeout: float = 2.0) -> bool:
+        asked.append(timeout)
+        return next(answers, True)
+
+    def no_second_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"started Ray again: {args}")
+
+    monkeypatch.setattr(cluster, "is_up", slow_dashboard)
+    monkeypatch.setattr(cluster.subprocess, "run", no_second_start)
+    assert cluster.start_local(settle_timeout=0).local
+    assert len(asked) == 4  # the quick probe, then waited until it answered
+
+    # A head that never answers: a clear error naming the setting, still no second start.
+    monkeypatch.setattr(cluster, "is_up", lambda url=None, timeout=2.0: False)
+    with pytest.raises(cluster.ClusterError, match="ORCH_RAY_PORT.*did not answer within 1s"):
+        cluster.start_local(settle_timeout=0, head_wait=1)
