@@ -215,9 +215,9 @@ def job_detail(plane: ControlPlane, job_id: int) -> JobDetail:
 def cancel(job_id: JobId, request: Request, user: CurrentUser) -> CancelResponse:
     plane = plane_of(request)
     may_change(user, plane.store.require_job(job_id), "cancel")
+    # The move wakes the scheduler (the store announces it): its resources are free now.
     changed, message = plane.scheduler.cancel(job_id, f"cancelled by {user.name}",
                                               user=user.name)
-    plane.wake()
     return CancelResponse(cancelled=changed, message=message,
                           job=JobSummary.of(plane.store.require_job(job_id)))
 

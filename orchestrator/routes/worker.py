@@ -141,8 +141,8 @@ def finished(body: WorkerFinished, worker: CurrentWorker, request: Request) -> W
         store.transition(worker.job_id, JobState.FAILED, body.reason,
                          expected=list(ACTIVE_STATES), error=error, details=body.details,
                          attempt_ended=(AttemptOutcome.FAILED, error))
-    # Its resources are free: the next queued job is admitted now, not at the next tick.
-    plane.wake()
+    # Its resources are free: the move wakes the scheduler (the store announces it), so the
+    # next queued job is admitted now, not at the next tick.
     return WorkerStartedResponse(go=False, state=store.require_job(worker.job_id).state)
 
 
